@@ -1,0 +1,14 @@
+"""torchcvt: CvT, the Convolutional Vision Transformer, exact to the official model."""
+
+__version__ = "0.1.0"
+
+from .config import CvTConfig, list_models, preset_config  # noqa: E402
+from .errors import CheckpointError, ConfigError, DataError, ImageError, TorchCvTError  # noqa: E402
+from .model import CvT, create_model  # noqa: E402
+from .checkpoint import load_model, read_checkpoint, save_pretrained  # noqa: E402
+from .summary import summary  # noqa: E402
+
+__all__ = [
+    "CvT", "CvTConfig", "create_model", "list_models", "preset_config", "load_model", "read_checkpoint",
+    "save_pretrained", "summary", "TorchCvTError", "ConfigError", "CheckpointError", "ImageError", "DataError",
+]

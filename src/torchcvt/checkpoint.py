@@ -1,0 +1,516 @@
+"""Every CvT checkpoint format, in and out.
+
+Formats read:
+
+* ``transformers``: ``CvtForImageClassification`` / ``CvtModel`` state dicts (keys such as
+  ``cvt.encoder.stages.0.layers.0.attention.attention.projection_query.weight``), from a directory
+  with ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``, from those files alone,
+  or from a Hugging Face Hub id such as ``microsoft/cvt-13`` (downloaded when online).
+* ``official``: microsoft/CvT ``.pth`` files (``CvT-13-224x224-IN-1k.pth``): a bare state dict
+  with keys such as ``stage2.blocks.0.attn.conv_proj_k.bn.running_var``.
+* ``torchcvt``: our own module names (``stages.2.blocks.0.attn...``), as in training checkpoints.
+
+Format written: ``save_pretrained`` writes transformers' layout (``config.json`` + ``model.safetensors``
+with transformers' key names), which ``CvtForImageClassification.from_pretrained`` loads unchanged.
+
+Loading is strict: the state dict must match the model key for key and shape for shape, and a
+mismatch raises a CheckpointError that lists the offending keys. Pickles are only ever read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import PRESETS, CvTConfig
+from .errors import CheckpointError, ConfigError
+
+logger = logging.getLogger("torchcvt")
+
+# The public transformers checkpoints of CvT (all ImageNet-1k heads; "-22k": pre-trained on ImageNet-22k).
+HUB_IDS = (
+    "microsoft/cvt-13",
+    "microsoft/cvt-13-384",
+    "microsoft/cvt-13-384-22k",
+    "microsoft/cvt-21",
+    "microsoft/cvt-21-384",
+    "microsoft/cvt-21-384-22k",
+    "microsoft/cvt-w24-384-22k",
+)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+
+# ----------------------------------------------------------------------------------- key mapping
+# (torchcvt prefix, transformers prefix), matched longest first. Block level: inside
+# stages.{i}.blocks.{j} <-> cvt.encoder.stages.{i}.layers.{j}.
+_HF_BLOCK = [
+    ("norm1.", "layernorm_before."),
+    ("norm2.", "layernorm_after."),
+    ("mlp.fc1.", "intermediate.dense."),
+    ("mlp.fc2.", "output.dense."),
+    ("attn.proj.", "attention.output.dense."),
+] + [
+    pair
+    for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value"))
+    for pair in (
+        (f"attn.proj_{ours}.", f"attention.attention.projection_{theirs}."),
+        (f"attn.conv_proj_{ours}.conv.", f"attention.attention.convolution_projection_{theirs}.convolution_projection.convolution."),
+        (f"attn.conv_proj_{ours}.bn.", f"attention.attention.convolution_projection_{theirs}.convolution_projection.normalization."),
+    )
+]
+# Stage level: inside stages.{i} <-> cvt.encoder.stages.{i}.
+_HF_STAGE = [
+    ("patch_embed.proj.", "embedding.convolution_embeddings.projection."),
+    ("patch_embed.norm.", "embedding.convolution_embeddings.normalization."),
+    ("cls_token", "cls_token"),
+]
+_HF_TOP = [("norm.", "layernorm."), ("head.", "classifier.")]
+
+_OURS_BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_OURS_STAGE = re.compile(r"^stages\.(\d+)\.(.+)$")
+_HF_BLOCK_RE = re.compile(r"^(?:cvt\.)?encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)$")
+_HF_STAGE_RE = re.compile(r"^(?:cvt\.)?encoder\.stages\.(\d+)\.(.+)$")
+
+
+def _swap_prefix(rest: str, table: list[tuple[str, str]], reverse: bool) -> str | None:
+    pairs = [(b, a) for a, b in table] if reverse else table
+    for src, dst in sorted(pairs, key=lambda p: -len(p[0])):
+        if rest.startswith(src):
+            return dst + rest[len(src):]
+    return None
+
+
+def ours_to_hf_key(key: str) -> str:
+    if m := _OURS_BLOCK.match(key):
+        rest = _swap_prefix(m[3], _HF_BLOCK, reverse=False)
+        if rest is not None:
+            return f"cvt.encoder.stages.{m[1]}.layers.{m[2]}.{rest}"
+    elif m := _OURS_STAGE.match(key):
+        rest = _swap_prefix(m[2], _HF_STAGE, reverse=False)
+        if rest is not None:
+            return f"cvt.encoder.stages.{m[1]}.{rest}"
+    else:
+        rest = _swap_prefix(key, _HF_TOP, reverse=False)
+        if rest is not None:
+            return rest
+    raise CheckpointError(f"no transformers name for parameter {key!r}")
+
+
+def hf_to_ours_key(key: str) -> str:
+    """transformers name -> torchcvt name; unknown keys come back unchanged (reported as unexpected)."""
+    if m := _HF_BLOCK_RE.match(key):
+        rest = _swap_prefix(m[3], _HF_BLOCK, reverse=True)
+        return f"stages.{m[1]}.blocks.{m[2]}.{rest}" if rest is not None else key
+    if m := _HF_STAGE_RE.match(key):
+        rest = _swap_prefix(m[2], _HF_STAGE, reverse=True)
+        return f"stages.{m[1]}.{rest}" if rest is not None else key
+    rest = _swap_prefix(key, _HF_TOP, reverse=True)
+    return rest if rest is not None else key
+
+
+def official_to_ours_key(key: str) -> str:
+    # microsoft/CvT names stage i ``stage{i}``; everything below it matches our names.
+    return re.sub(r"^stage(\d+)\.", r"stages.\1.", key)
+
+
+def ours_to_official_key(key: str) -> str:
+    return re.sub(r"^stages\.(\d+)\.", r"stage\1.", key)
+
+
+def detect_format(state_dict: dict[str, Any]) -> str:
+    """'transformers', 'official' or 'torchcvt', from the key names."""
+    keys = list(state_dict)
+    if any(k.startswith(("cvt.encoder.", "encoder.stages.", "classifier.", "layernorm.")) for k in keys):
+        return "transformers"
+    if any(re.match(r"^stage\d+\.", k) for k in keys):
+        return "official"
+    if any(k.startswith("stages.") for k in keys):
+        return "torchcvt"
+    sample = ", ".join(keys[:3]) or "no keys"
+    raise CheckpointError(f"not a CvT state dict (keys: {sample}, ...)")
+
+
+def to_torchcvt_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Rename any supported layout to ours. Returns the renamed dict and the format it was in."""
+    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    fmt = detect_format(state_dict)
+    rename = {"transformers": hf_to_ours_key, "official": official_to_ours_key, "torchcvt": lambda k: k}[fmt]
+    return {rename(k): v for k, v in state_dict.items()}, fmt
+
+
+def to_transformers_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {ours_to_hf_key(k): v for k, v in state_dict.items()}
+
+
+def to_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {ours_to_official_key(k): v for k, v in state_dict.items()}
+
+
+# ----------------------------------------------------------------------- inferring the layout
+def infer_config_fields(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The config fields that the tensors themselves determine (torchcvt key names).
+
+    Strides, paddings, heads and drop rates leave no trace in the weights and are not returned.
+    """
+    stages = sorted({int(m[1]) for k in state_dict if (m := re.match(r"^stages\.(\d+)\.", k))})
+    if not stages or stages != list(range(len(stages))):
+        raise CheckpointError(f"cannot find the stages of a CvT in the checkpoint (stage indices {stages})")
+    f: dict[str, list] = {k: [] for k in ("embed_dim", "patch_sizes", "depth", "mlp_ratio", "qkv_bias", "cls_token", "kernel_qkv")}
+    num_channels = None
+    for i in stages:
+        proj = state_dict.get(f"stages.{i}.patch_embed.proj.weight")
+        if proj is None:
+            raise CheckpointError(f"checkpoint has no stages.{i}.patch_embed.proj.weight (stage {i}'s embedding)")
+        dim = proj.shape[0]
+        if i == 0:
+            num_channels = proj.shape[1]
+        blocks = {int(m[1]) for k in state_dict if (m := re.match(rf"^stages\.{i}\.blocks\.(\d+)\.", k))}
+        f["embed_dim"].append(dim)
+        f["patch_sizes"].append(proj.shape[-1])
+        f["depth"].append(len(blocks))
+        fc1 = state_dict.get(f"stages.{i}.blocks.0.mlp.fc1.weight")
+        f["mlp_ratio"].append(fc1.shape[0] / dim if fc1 is not None else 4.0)
+        f["qkv_bias"].append(f"stages.{i}.blocks.0.attn.proj_q.bias" in state_dict)
+        f["cls_token"].append(f"stages.{i}.cls_token" in state_dict)
+        conv = state_dict.get(f"stages.{i}.blocks.0.attn.conv_proj_k.conv.weight")
+        f["kernel_qkv"].append(conv.shape[-1] if conv is not None else None)
+    fields: dict[str, Any] = {k: tuple(v) for k, v in f.items()}
+    fields["num_channels"] = num_channels
+    head = state_dict.get("head.weight")
+    fields["num_classes"] = head.shape[0] if head is not None else 0
+    if all(k is not None for k in fields["kernel_qkv"]):
+        fields["qkv_projection_method"] = ("dw_bn",) * len(stages)
+    else:
+        fields["kernel_qkv"] = None  # avg or linear: no tensors, take them from the config
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], image_size: int | None = None) -> CvTConfig:
+    """A full config for a checkpoint without one (official ``.pth`` files).
+
+    Fields the tensors do not determine come from the preset with the same widths and depths
+    (CvT-13/21/W24), or else from CvT-13's per-stage settings with 64-channel heads, the head
+    width of every published CvT.
+    """
+    fields = infer_config_fields(state_dict)
+    n = len(fields["depth"])
+    base: dict[str, Any] = {}
+    for preset in PRESETS.values():
+        if tuple(preset.get("embed_dim", ())) == fields["embed_dim"] and tuple(preset.get("depth", ())) == fields["depth"]:
+            base = {k: v for k, v in preset.items() if k != "image_size"}
+            break
+    defaults = CvTConfig()
+    kwargs: dict[str, Any] = {}
+    for name in ("patch_stride", "patch_padding", "attention_drop_rate", "drop_rate", "drop_path_rate", "padding_kv", "stride_kv", "padding_q", "stride_q", "qkv_projection_method", "kernel_qkv"):
+        if name in fields:
+            continue
+        value = base.get(name, getattr(defaults, name))
+        if len(value) != n:
+            value = (value[-1],) * n if name.endswith("rate") else tuple(value[:n]) + (value[-1],) * max(0, n - len(value))
+        kwargs[name] = value
+    if "num_heads" in base:
+        kwargs["num_heads"] = base["num_heads"]
+    else:
+        kwargs["num_heads"] = tuple(max(1, d // 64) if d % 64 == 0 else 1 for d in fields["embed_dim"])
+    kwargs.update(fields)
+    if image_size is not None:
+        kwargs["image_size"] = image_size
+    try:
+        return CvTConfig(**kwargs)
+    except ConfigError as exc:
+        raise CheckpointError(f"cannot infer a CvT layout from the checkpoint: {exc}") from None
+
+
+def _fmt_shape(t: Any) -> str:
+    return "x".join(map(str, t.shape)) if hasattr(t, "shape") else "?"
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], *, source: str, target: str) -> None:
+    """Raise a CheckpointError listing every missing, unexpected and mis-shaped key."""
+    missing = [k for k in expected if k not in given and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [k for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+
+    def listing(keys: list[str], show) -> str:
+        head = ", ".join(show(k) for k in keys[:6])
+        return head + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es): " + listing(shapes, lambda k: f"{k} checkpoint {_fmt_shape(given[k])} vs model {_fmt_shape(expected[k])}"))
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): " + listing(missing, lambda k: f"{k} {_fmt_shape(expected[k])}"))
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): " + listing(unexpected, lambda k: f"{k} {_fmt_shape(given[k])}"))
+    try:
+        inferred = infer_config_fields(given)
+        exp = infer_config_fields(expected)
+        diffs = [f"{k} {inferred[k]} vs {exp[k]}" for k in inferred if k in exp and inferred[k] != exp[k]]
+        if diffs:
+            parts.insert(0, "the checkpoint's layout differs: " + ", ".join(diffs) + " (checkpoint vs model)")
+    except CheckpointError:
+        pass
+    raise CheckpointError(f"{source} does not fit {target}: " + "; ".join(parts))
+
+
+# ------------------------------------------------------------------------------------ reading
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk: tensors with torchcvt names, and what it says about itself."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: CvTConfig | None  # from config.json or an embedded config; None for bare state dicts
+    config_dict: dict[str, Any] | None  # the raw config.json, to know which fields it set
+    format: str
+    path: Path
+
+
+def is_hub_id(source: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not source.startswith((".", "/"))
+
+
+def is_checkpoint_source(source: str) -> bool:
+    """Whether a string names weights (a path or a hub id) rather than a preset."""
+    if source.lower() in PRESETS:
+        return False
+    return os.path.exists(source) or is_hub_id(source)
+
+
+def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
+    """Fetch ``config.json`` + weights of a hub repository (uses the local cache when offline)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - it is a dependency
+        raise CheckpointError("downloading from the Hugging Face Hub needs huggingface_hub (pip install huggingface_hub)") from None
+    patterns = ["config.json", "preprocessor_config.json", *WEIGHT_FILES]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # network, missing repo, auth: all end the same way for the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot download {repo_id!r} from the Hugging Face Hub ({reason[:160]}); offline, pass a local "
+            f"directory instead: one with config.json and model.safetensors or pytorch_model.bin "
+            f"(e.g. --weights ./cvt-13 or create_model(weights='./cvt-13'))"
+        ) from None
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local file or directory for a path or a hub id."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if isinstance(source, str) and is_hub_id(source):
+        return download_from_hub(source)
+    raise CheckpointError(f"{source}: no such file or directory, and not a Hugging Face Hub id like 'microsoft/cvt-13'")
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Tensors of one weights file, and a config embedded in it (our training checkpoints)."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path)), None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: cannot load it as a weights-only PyTorch file ({reason[:200]}); torchcvt never unpickles arbitrary objects"
+        ) from None
+    embedded = None
+    if isinstance(obj, dict):
+        embedded = obj.get("config") if isinstance(obj.get("config"), dict) else None
+        for key in ("model", "state_dict", "model_state_dict", "module"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
+    return obj, embedded
+
+
+def _read_config_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+
+
+def read_checkpoint(source: str | os.PathLike) -> Checkpoint:
+    """Read any supported checkpoint into torchcvt names (no model is built)."""
+    path = resolve_source(source)
+    config_dict = None
+    if path.is_dir():
+        weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
+        if weights is None:
+            candidates = sorted(p for p in path.iterdir() if p.suffix in (".safetensors",) + PICKLE_SUFFIXES)
+            if len(candidates) != 1:
+                raise CheckpointError(
+                    f"{path}: expected model.safetensors or pytorch_model.bin (with config.json) in the directory, "
+                    f"found {[p.name for p in candidates] or 'no weights file'}"
+                )
+            weights = candidates[0]
+        config_dict = _read_config_json(path / "config.json")
+    else:
+        weights = path
+        if weights.name in WEIGHT_FILES:  # transformers' files given alone: use a config.json beside them
+            config_dict = _read_config_json(weights.parent / "config.json")
+    tensors, embedded = _load_tensors(weights)
+    config_dict = config_dict or embedded
+    state_dict, fmt = to_torchcvt_state_dict(tensors)
+    config = None
+    if config_dict is not None:
+        try:
+            config = CvTConfig.from_dict(config_dict)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: its config.json is not a CvT config: {exc}") from None
+    return Checkpoint(state_dict, config, config_dict, fmt, weights)
+
+
+def _image_size_from_name(path: Path) -> int | None:
+    # Official files carry their resolution in the name: CvT-13-384x384-IN-1k.pth.
+    m = re.search(r"(\d{3})x\1", path.name)
+    return int(m[1]) if m else None
+
+
+# -------------------------------------------------------------------------------- building
+_METADATA_FIELDS = ("hidden_act", "image_size", "layer_norm_eps")
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    config: CvTConfig | None = None,
+    num_classes: int | None = None,
+    **overrides: Any,
+):
+    """Build a CvT from a checkpoint, strictly.
+
+    ``config``: the architecture to load into (checked against the tensors); default: the
+    checkpoint's own (``config.json``, an embedded config, or inferred from the tensors).
+    ``num_classes``: a head size; when it differs from the checkpoint's, the head is replaced by a
+    new, randomly initialised one (fine-tuning), and a log message says so.
+    ``overrides``: config fields to change, e.g. ``hidden_act="gelu"``.
+    """
+    from .model import CvT
+
+    ckpt = read_checkpoint(source)
+    sd = ckpt.state_dict
+    own = ckpt.config or config_from_state_dict(sd, image_size=_image_size_from_name(ckpt.path))
+    if config is None:
+        target = own
+    else:
+        # An explicit architecture; what config.json says beyond the architecture still applies.
+        given = ckpt.config_dict or {}
+        keep = {k: getattr(own, k) for k in _METADATA_FIELDS if k in given and k not in overrides}
+        target = config.replace(**keep) if keep else config
+    if overrides:
+        target = target.replace(**overrides)
+
+    ckpt_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    new_head = num_classes is not None and num_classes != ckpt_classes
+    if new_head:
+        target = target.replace(num_classes=num_classes, id2label=None)
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    elif target.id2label is None and own.id2label is not None and target.num_classes == own.num_classes:
+        target = target.replace(id2label=own.id2label)
+
+    model = CvT(config=target)
+    expected = model.state_dict()
+    if new_head:
+        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
+    hint = ""
+    if "head.weight" in sd and "head.weight" in expected and sd["head.weight"].shape != expected["head.weight"].shape:
+        hint = f" (to fine-tune with a new {target.num_classes}-class head, pass num_classes={target.num_classes})"
+    try:
+        check_state_dict(expected, sd, source=f"{ckpt.path} ({ckpt.format} format)", target=f"the {describe(target)} model")
+    except CheckpointError as exc:
+        raise CheckpointError(str(exc) + hint) from None
+    model.load_state_dict(sd, strict=not new_head)
+    if new_head:
+        logger.warning(
+            "loaded %s without its head: new %d-class head, randomly initialised (the checkpoint has %d classes)",
+            ckpt.path, target.num_classes, ckpt_classes,
+        )
+    return model
+
+
+def describe(config: CvTConfig) -> str:
+    for name, preset in PRESETS.items():
+        if all(getattr(config, k) == v for k, v in preset.items() if k not in ("image_size", "num_classes", "drop_path_rate")):
+            return name
+    return f"CvT(embed_dim={list(config.embed_dim)}, depth={list(config.depth)})"
+
+
+# ------------------------------------------------------------------------------------ writing
+def atomic_save(write, path: Path) -> None:
+    """Call ``write(tmp_path)`` then rename it over ``path``, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model, directory: str | os.PathLike, *, safe_serialization: bool = True, preprocess=None) -> Path:
+    """Write transformers' layout: ``config.json``, ``model.safetensors`` (or ``pytorch_model.bin``),
+    and ``preprocessor_config.json`` describing the evaluation transform of the weights."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config: CvTConfig = model.config
+    if any(m != "dw_bn" for m in config.qkv_projection_method) or any(config.cls_token[:-1]):
+        logger.warning("transformers' CvT supports only dw_bn projections and a cls token in the last stage; "
+                       "%s is readable by torchcvt but not by transformers", directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    hf_state = to_transformers_state_dict(state)
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        atomic_save(lambda tmp: save_file(hf_state, tmp, metadata={"format": "pt"}), directory / "model.safetensors")
+        (directory / "pytorch_model.bin").unlink(missing_ok=True)
+    else:
+        atomic_save(lambda tmp: torch.save(hf_state, tmp), directory / "pytorch_model.bin")
+        (directory / "model.safetensors").unlink(missing_ok=True)
+    config.save(directory / "config.json")
+    _write_preprocessor_config(config, directory, preprocess)
+    return directory
+
+
+def _write_preprocessor_config(config: CvTConfig, directory: Path, preprocess) -> None:
+    try:
+        from .transforms import PreprocessConfig, write_preprocessor_config
+    except ImportError:
+        return
+    write_preprocessor_config(preprocess or PreprocessConfig.for_resolution(config.image_size), directory)
+
+
+def save_official(model, path: str | os.PathLike) -> Path:
+    """Write a microsoft/CvT-style ``.pth`` (bare state dict with the official key names)."""
+    path = Path(path)
+    state = to_official_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    atomic_save(lambda tmp: torch.save(state, tmp), path)
+    return path

@@ -1,0 +1,21 @@
+"""Exceptions with one-line messages. The CLI prints them as ``error: <message>`` without a traceback."""
+
+
+class TorchCvTError(Exception):
+    """Base class of every error torchcvt raises on purpose (bad input, not a bug)."""
+
+
+class ConfigError(TorchCvTError, ValueError):
+    """A CvTConfig field or a combination of fields is invalid."""
+
+
+class CheckpointError(TorchCvTError, ValueError):
+    """A checkpoint cannot be read, or does not fit the model it is loaded into."""
+
+
+class ImageError(TorchCvTError, ValueError):
+    """An image file is missing, corrupt, truncated or not an image."""
+
+
+class DataError(TorchCvTError, ValueError):
+    """A dataset is missing, empty or malformed."""

@@ -1,0 +1,427 @@
+"""CvT: Introducing Convolutions to Vision Transformers (Wu et al. 2021, arXiv 2103.15808).
+
+Exact to the official microsoft/CvT ``lib/models/cls_cvt.py``, read top to bottom: layers, blocks,
+the stage, the model. Where the official code has bugs we fix them without changing the numbers
+it computes on valid input: batch size 1 keeps its batch dimension (the official code squeezes it
+away) and the ``linear`` projection works (the official code never defines q/k/v for it).
+
+Shape legend: B batch, C channels, H x W the token grid of the stage, T = H*W (+1 with a cls token).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CvTConfig, preset_config
+from .errors import ConfigError
+
+
+# ------------------------------------------------------------------------------------------ layers
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the activation the official CvT weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the residual branch of whole samples (timm's DropPath)."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        return x * mask.div_(keep_prob)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, act: str, drop: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = make_activation(act)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class ConvProjection(nn.Sequential):
+    """The convolutional part of a q/k/v projection, on a ``[B, C, H, W]`` map.
+
+    ``dw_bn``: depthwise conv (no bias) then BatchNorm; ``avg``: average pooling; ``linear``: nothing.
+    """
+
+    def __init__(self, dim: int, method: str, kernel_size: int, stride: int, padding: int) -> None:
+        if method == "dw_bn":
+            super().__init__()
+            self.conv = nn.Conv2d(dim, dim, kernel_size, stride, padding, bias=False, groups=dim)
+            self.bn = nn.BatchNorm2d(dim)
+        elif method == "avg":
+            super().__init__()
+            self.avg = nn.AvgPool2d(kernel_size, stride, padding, ceil_mode=True)
+        else:  # "linear": the tokens go straight to the linear projection
+            super().__init__()
+
+
+class Attention(nn.Module):
+    """Convolutional projection attention.
+
+    q/k/v = Linear(ConvProjection(x)) on the spatial tokens, k/v usually with stride 2; a cls token
+    bypasses the convolutions and is prepended to each of q, k, v. The scale is
+    ``embed_dim ** -0.5`` over the whole width, not per head, as in the official code.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool,
+        method: str,
+        kernel_size: int,
+        stride_q: int,
+        stride_kv: int,
+        padding_q: int,
+        padding_kv: int,
+        with_cls_token: bool,
+        attn_drop: float,
+        proj_drop: float,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = dim**-0.5
+        self.with_cls_token = with_cls_token
+        self.attn_drop = attn_drop
+        # Official: with "avg" pooling the query gets no convolutional projection.
+        self.conv_proj_q = ConvProjection(dim, "linear" if method == "avg" else method, kernel_size, stride_q, padding_q)
+        self.conv_proj_k = ConvProjection(dim, method, kernel_size, stride_kv, padding_kv)
+        self.conv_proj_v = ConvProjection(dim, method, kernel_size, stride_kv, padding_kv)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        return x.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # [B, heads, T, C/heads]
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, T, C = x.shape
+        if self.with_cls_token:
+            cls_token, x = torch.split(x, [1, H * W], dim=1)  # [B, 1, C], [B, H*W, C]
+        fmap = x.transpose(1, 2).reshape(B, C, H, W)  # [B, C, H, W]
+        # each projection: [B, C, h', w'] -> [B, h'*w', C]
+        q = self.conv_proj_q(fmap).flatten(2).transpose(1, 2)
+        k = self.conv_proj_k(fmap).flatten(2).transpose(1, 2)
+        v = self.conv_proj_v(fmap).flatten(2).transpose(1, 2)
+        if self.with_cls_token:
+            q = torch.cat((cls_token, q), dim=1)
+            k = torch.cat((cls_token, k), dim=1)
+            v = torch.cat((cls_token, v), dim=1)
+        q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
+        x = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )  # [B, heads, Tq, C/heads]
+        x = x.transpose(1, 2).reshape(B, -1, C)  # [B, Tq, C]
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; drop path applies to each residual branch only."""
+
+    def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, act: str, eps: float, drop: float, drop_path: float, **attn_kwargs: Any) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, proj_drop=drop, **attn_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ConvEmbed(nn.Module):
+    """Convolutional token embedding: a strided conv, then LayerNorm over channels."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, stride: int, padding: int, eps: float) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride, padding)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(x)  # [B, C, H, W]
+        H, W = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), H, W  # [B, H*W, C]
+
+
+class Stage(nn.Module):
+    """One CvT stage: embedding, optional cls token, ``depth`` blocks; returns a map and the cls token."""
+
+    def __init__(self, config: CvTConfig, index: int, in_chans: int) -> None:
+        super().__init__()
+        c, i = config, index
+        dim = c.embed_dim[i]
+        self.patch_embed = ConvEmbed(in_chans, dim, c.patch_sizes[i], c.patch_stride[i], c.patch_padding[i], c.layer_norm_eps)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if c.cls_token[i] else None
+        self.pos_drop = nn.Dropout(c.drop_rate[i])
+        # Stochastic depth rises linearly from 0 to the stage's rate (per stage, as the official code).
+        rates = torch.linspace(0, c.drop_path_rate[i], c.depth[i]).tolist()
+        self.blocks = nn.ModuleList(
+            Block(
+                dim, c.num_heads[i], mlp_ratio=c.mlp_ratio[i], act=c.hidden_act, eps=c.layer_norm_eps,
+                drop=c.drop_rate[i], drop_path=rates[j], qkv_bias=c.qkv_bias[i],
+                method=c.qkv_projection_method[i], kernel_size=c.kernel_qkv[i],
+                stride_q=c.stride_q[i], stride_kv=c.stride_kv[i], padding_q=c.padding_q[i],
+                padding_kv=c.padding_kv[i], with_cls_token=c.cls_token[i], attn_drop=c.attention_drop_rate[i],
+            )
+            for j in range(c.depth[i])
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, H, W = self.patch_embed(x)  # [B, H*W, C]
+        B, _, C = x.shape
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # [B, 1 + H*W, C]
+        x = self.pos_drop(x)
+        for block in self.blocks:
+            x = block(x, H, W)
+        cls_token = None
+        if self.cls_token is not None:
+            cls_token, x = torch.split(x, [1, H * W], dim=1)
+        return x.transpose(1, 2).reshape(B, C, H, W), cls_token  # [B, C, H, W], [B, 1, C] | None
+
+
+# ------------------------------------------------------------------------------------------- model
+class CvT(nn.Module):
+    """The Convolutional Vision Transformer.
+
+    ``CvT(224, 3, 1000)`` builds CvT-13 (image_size, in_channels, num_classes);
+    ``CvT(config=CvTConfig(...))`` any layout. ``model(x)`` maps ``[B, C, H, W]`` images of any
+    size to logits ``[B, num_classes]`` (features ``[B, embed_dim[-1]]`` when num_classes is 0).
+    """
+
+    def __init__(
+        self,
+        image_size: int | None = None,
+        in_channels: int | None = None,
+        num_classes: int | None = None,
+        *,
+        config: CvTConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if config is None:
+            config = preset_config("cvt-13")
+        overrides = {k: v for k, v in (("image_size", image_size), ("num_channels", in_channels), ("num_classes", num_classes)) if v is not None}
+        if overrides:
+            config = config.replace(**overrides)
+        self.config = config
+        self.num_classes = config.num_classes
+        self.num_features = config.num_features
+
+        in_chans = config.num_channels
+        self.stages = nn.ModuleList()
+        for i in range(config.num_stages):
+            self.stages.append(Stage(config, i, in_chans))
+            in_chans = config.embed_dim[i]
+        self.norm = nn.LayerNorm(self.num_features, eps=config.layer_norm_eps)
+        self.head = nn.Linear(self.num_features, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self.feature_info = [
+            dict(num_chs=config.embed_dim[i], reduction=r, module=f"stages.{i}") for i, r in enumerate(config.reductions())
+        ]
+        self.init_weights()
+
+    # ---------------------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The official 'trunc_norm' initialisation.
+
+        Inside the stages: Linear weights truncated-normal (std 0.02) with zero bias, norms at 1/0,
+        convolutions at PyTorch's default, cls tokens truncated-normal. The head: weight
+        truncated-normal, bias at PyTorch's default, as microsoft/CvT does.
+        """
+        for m in self.stages.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for stage in self.stages:
+            if stage.cls_token is not None:
+                nn.init.trunc_normal_(stage.cls_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+
+    # ------------------------------------------------------------------------------ timm-style API
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides norms and biases: the cls tokens."""
+        return {f"stages.{i}.cls_token" for i, s in enumerate(self.stages) if s.cls_token is not None}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, id2label: dict[int, str] | None = None) -> None:
+        """Replace the head with a freshly initialised one (0: no head). The config follows."""
+        self.config = self.config.replace(num_classes=num_classes, id2label=id2label)
+        self.num_classes = num_classes
+        device, dtype = self.norm.weight.device, self.norm.weight.dtype
+        if num_classes > 0:
+            self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a one-line error for inputs the model cannot take."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"CvT expects a torch.Tensor [B, {self.config.num_channels}, H, W], got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"CvT expects a 4-D input [B, {self.config.num_channels}, H, W], got shape {list(x.shape)}")
+        if x.shape[1] != self.config.num_channels:
+            raise ValueError(f"CvT expects {self.config.num_channels} input channels, got shape {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"CvT expects a floating-point input (normalised pixels), got {x.dtype}")
+        try:
+            self.config.feature_sizes(int(x.shape[2]), int(x.shape[3]))
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    def _run_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not torch.compiler.is_compiling():
+            self.check_input(x)
+        cls_token = None
+        for stage in self.stages:
+            x, cls_token = stage(x)
+        return x, cls_token
+
+    def _final_tokens(self, x: torch.Tensor, cls_token: torch.Tensor | None) -> torch.Tensor:
+        # With a cls token in the last stage the classifier reads it; otherwise all tokens (mean-pooled later).
+        if self.config.cls_token[-1]:
+            return self.norm(cls_token)  # [B, 1, C]
+        return self.norm(x.flatten(2).transpose(1, 2))  # [B, H*W, C]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm tokens: ``[B, 1, C]`` (the cls token) or ``[B, H*W, C]`` without one."""
+        x, cls_token = self._run_stages(x)
+        return self._final_tokens(x, cls_token)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the tokens of ``forward_features`` (mean; a no-op on a lone cls token) and classify."""
+        x = x.mean(dim=1)  # [B, C]
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        *,
+        return_cls_token: bool = False,
+        intermediates_only: bool = False,
+        stop_early: bool = False,
+    ):
+        """Raw per-stage outputs ``[B, C, H, W]`` (before the final norm, as transformers' hidden_states).
+
+        ``indices``: stage indices to return (an int n: the last n stages; None: all). With
+        ``return_cls_token`` each entry is a ``(map, cls_token or None)`` pair. Returns the list, or
+        ``(final_tokens, list)`` unless ``intermediates_only``; ``stop_early`` skips later stages
+        when only intermediates are wanted.
+        """
+        n = len(self.stages)
+        if indices is None:
+            keep = list(range(n))
+        elif isinstance(indices, int):
+            keep = list(range(n - indices, n))
+        else:
+            keep = [i % n for i in indices]
+        if stop_early and intermediates_only:
+            # Run only as far as the last stage asked for.
+            last = max(keep)
+            stages = self.stages[: last + 1]
+        else:
+            stages = self.stages
+        if not torch.compiler.is_compiling():
+            self.check_input(x)
+        outputs, cls_token = [], None
+        for i, stage in enumerate(stages):
+            x, cls_token = stage(x)
+            if i in keep:
+                outputs.append((x, cls_token) if return_cls_token else x)
+        if intermediates_only:
+            return outputs
+        return self._final_tokens(x, cls_token), outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # --------------------------------------------------------------------------- checkpoint I/O
+    def save_pretrained(self, directory: str, *, safe_serialization: bool = True) -> None:
+        """Write ``config.json`` + ``model.safetensors`` in transformers' layout (see checkpoint.py)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory, safe_serialization=safe_serialization)
+
+    @classmethod
+    def from_pretrained(cls, source: str, *, num_classes: int | None = None, **overrides: Any) -> "CvT":
+        """Load any supported checkpoint: a directory, a file, or a hub id such as ``microsoft/cvt-13``."""
+        from .checkpoint import load_model
+
+        return load_model(source, num_classes=num_classes, **overrides)
+
+
+# ----------------------------------------------------------------------------------------- builders
+def create_model(
+    name_or_config: str | CvTConfig | None = None,
+    *,
+    weights: str | None = None,
+    num_classes: int | None = None,
+    **overrides: Any,
+) -> CvT:
+    """Build a CvT from a preset name or a config, optionally loading weights.
+
+    ``create_model("cvt-13")``: random weights. ``create_model("cvt-21", weights="microsoft/cvt-21")``:
+    the preset's architecture, checked against the checkpoint. ``create_model(weights="path")`` or
+    ``create_model("path/or/hub-id")``: the checkpoint's own architecture. ``num_classes`` different
+    from the checkpoint's gives a new, randomly initialised head (fine-tuning). ``overrides`` change
+    config fields, e.g. ``hidden_act="gelu"`` or ``drop_path_rate=(0, 0, 0.2)``.
+    """
+    from .checkpoint import is_checkpoint_source, load_model
+
+    if isinstance(name_or_config, str) and weights is None and is_checkpoint_source(name_or_config):
+        name_or_config, weights = None, name_or_config
+    if weights is not None:
+        return load_model(weights, config=_resolve_config(name_or_config, overrides) if name_or_config is not None else None,
+                          num_classes=num_classes, **({} if name_or_config is not None else overrides))
+    if name_or_config is None:
+        raise ConfigError("create_model needs a preset name, a CvTConfig or weights")
+    config = _resolve_config(name_or_config, overrides)
+    if num_classes is not None:
+        config = config.replace(num_classes=num_classes)
+    return CvT(config=config)
+
+
+def _resolve_config(name_or_config: str | CvTConfig, overrides: dict[str, Any]) -> CvTConfig:
+    if isinstance(name_or_config, CvTConfig):
+        return name_or_config.replace(**overrides) if overrides else name_or_config
+    return preset_config(name_or_config, **overrides)
