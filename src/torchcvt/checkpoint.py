@@ -377,7 +377,10 @@ def read_checkpoint(source: str | os.PathLike) -> Checkpoint:
             config_dict = _read_config_json(weights.parent / "config.json")
     tensors, embedded = _load_tensors(weights)
     config_dict = config_dict or embedded
-    state_dict, fmt = to_torchcvt_state_dict(tensors)
+    try:
+        state_dict, fmt = to_torchcvt_state_dict(tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{weights}: {exc}") from None
     config = None
     if config_dict is not None:
         try:

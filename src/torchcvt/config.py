@@ -190,40 +190,41 @@ class CvTConfig:
                 changes["id2label"] = None  # old names do not describe a new head
         return dataclasses.replace(self, **changes)
 
-    def feature_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """Token grid (H, W) after each stage's embedding for an input of height x width.
-
-        Raises ConfigError when the input is too small to reach the last stage.
-        """
-        sizes = []
+    def _grid_sizes(self, height: int, width: int) -> tuple[list[tuple[int, int]], str | None]:
+        """Token grids stage by stage, and why the input is too small (None when it fits)."""
+        sizes: list[tuple[int, int]] = []
         h, w = height, width
         for i in range(self.num_stages):
             k, s, p = self.patch_sizes[i], self.patch_stride[i], self.patch_padding[i]
             h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
             if h < 1 or w < 1:
-                raise ConfigError(
-                    f"an input of {height}x{width} is too small: stage {i} would have a {h}x{w} token grid "
-                    f"(minimum input side for this layout: {self.min_input_size()})"
-                )
+                return sizes, f"stage {i} would have a {h}x{w} token grid"
             # The q/k/v convolutions must also produce at least one position.
-            for kk, ss, pp in ((self.kernel_qkv[i], self.stride_kv[i], self.padding_kv[i]), (self.kernel_qkv[i], self.stride_q[i], self.padding_q[i])):
-                if self.qkv_projection_method[i] != "linear" and min(h, w) + 2 * pp < kk:
-                    raise ConfigError(
-                        f"an input of {height}x{width} is too small: stage {i}'s {h}x{w} grid is smaller than the "
-                        f"q/k/v kernel {kk} (minimum input side for this layout: {self.min_input_size()})"
-                    )
+            if self.qkv_projection_method[i] != "linear":
+                pad = min(self.padding_kv[i], self.padding_q[i])
+                if min(h, w) + 2 * pad < self.kernel_qkv[i]:
+                    return sizes, f"stage {i}'s {h}x{w} grid is smaller than the q/k/v kernel {self.kernel_qkv[i]}"
             sizes.append((h, w))
+        return sizes, None
+
+    def feature_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Token grid (H, W) after each stage's embedding for an input of height x width.
+
+        Raises ConfigError when the input is too small to reach the last stage.
+        """
+        sizes, problem = self._grid_sizes(height, width)
+        if problem:
+            raise ConfigError(
+                f"an input of {height}x{width} is too small: {problem} "
+                f"(smallest input for this layout: {self.min_input_size()}x{self.min_input_size()})"
+            )
         return sizes
 
     def min_input_size(self) -> int:
         """Smallest square input side that reaches the last stage."""
         side = 1
-        while side < 65536:
-            try:
-                self.feature_sizes(side, side) if side else None
-                return side
-            except ConfigError:
-                side += 1
+        while self._grid_sizes(side, side)[1] is not None:
+            side += 1
         return side
 
     def reductions(self) -> list[int]:
@@ -389,4 +390,4 @@ def preset_config(name: str, **overrides: Any) -> CvTConfig:
     key = name.lower()
     if key not in PRESETS:
         raise ConfigError(f"unknown model {name!r}; presets: {', '.join(PRESETS)}")
-    return CvTConfig(**{**PRESETS[key], **overrides})
+    return CvTConfig(**PRESETS[key]).replace(**overrides)

@@ -1,0 +1,421 @@
+"""Evaluation preprocessing: image in, normalised ``[3, H, W]`` float32 tensor out.
+
+The pipeline reproduces transformers' ``ConvNextImageProcessor`` (the PIL backend, which is what
+``AutoImageProcessor`` gives for the microsoft/cvt-* checkpoints), so that a model gives the same
+predictions here and there:
+
+1. decode and convert to RGB as transformers' ``load_image`` does (its image-classification
+   pipeline passes every input through it): EXIF orientation, then Pillow's ``convert("RGB")``,
+   which drops alpha. The processor alone fails on most non-RGB input unless called with
+   ``do_convert_rgb=True``, and then composites alpha onto white instead;
+2. resize the uint8 image with Pillow: below 384 pixels the shorter side goes to
+   ``int(image_size / crop_pct)`` and a centred ``image_size`` square is cropped; from 384 up
+   the image is squashed to ``image_size x image_size`` (``crop_pct=None``), like the official
+   CvT evaluation code;
+3. rescale by 1/255 and normalise in float32.
+
+Where transformers gives no usable answer we choose, and say so:
+
+* 16-bit modes (``I;16*``) are scaled to 8 bits with ``round(v / 257)`` (the inverse of the usual
+  ``v * 257`` expansion, so an 8-bit image stored as 16-bit comes back unchanged); ``I`` images are
+  clipped to 0..65535 first, because Pillow uses ``I`` for 16-bit PPM and TIFF files. Pillow's
+  ``convert`` (and so transformers) clips these at 255, turning most 16-bit photos white.
+* ``F`` images whose values all lie within 0..1 are taken as 0..1 and become ``round(v * 255)``;
+  otherwise they are taken as 0..255 and converted by Pillow (clip and truncate), as transformers does.
+  Pillow's ``convert`` would truncate 0..1 data to black.
+* Float arrays and tensors must lie in 0..1 and become ``round(v * 255)``, so that
+  ``u8 / 255`` reproduces ``u8`` exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import atomic_write_text
+from .errors import ConfigError, ImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+# Our resample names and the PIL filter numbers transformers stores in preprocessor_config.json.
+RESAMPLE_FILTERS: dict[str, int] = {
+    "nearest": int(Image.Resampling.NEAREST),
+    "lanczos": int(Image.Resampling.LANCZOS),
+    "bilinear": int(Image.Resampling.BILINEAR),
+    "bicubic": int(Image.Resampling.BICUBIC),
+}
+_FILTER_NAMES = {number: name for name, number in RESAMPLE_FILTERS.items()}
+
+# ConvNextImageProcessor keeps the aspect ratio and crops only below this size; from it up, it squashes.
+_SQUASH_FROM = 384
+_RESCALE_FACTOR = 1 / 255
+
+# Defaults that transformers fills in for keys a preprocessor_config.json leaves out.
+_PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "convnext": {"size": {"shortest_edge": 384}, "resample": 3, "crop_pct": 224 / 256},
+    "vit": {"size": {"height": 224, "width": 224}, "resample": 2},
+}
+# transformers' IMAGENET_STANDARD_MEAN and _STD, the default mean and std of both processors.
+_IMAGENET_STANDARD = (0.5, 0.5, 0.5)
+
+# Channel counts an array or tensor may have: grey, RGB, RGBA.
+_CHANNEL_COUNTS = (1, 3, 4)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes model input at evaluation time.
+
+    ``crop_pct`` set: resize the shorter side to ``int(image_size / crop_pct)``, keep the aspect
+    ratio, crop the centred ``image_size`` square. ``crop_pct=None``: squash to
+    ``image_size x image_size``. Calling the config preprocesses one image.
+    """
+
+    image_size: int = 224
+    crop_pct: float | None = 0.875
+    resample: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
+        if self.crop_pct is not None:
+            if isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float)):
+                raise ConfigError(f"crop_pct must be a number in (0, 1] or None, got {self.crop_pct!r}")
+            # Above 1 the resized image would be smaller than the crop and need padding.
+            if not 0 < self.crop_pct <= 1:
+                raise ConfigError(f"crop_pct must lie in (0, 1], got {self.crop_pct!r}")
+            object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ConfigError(f"resample must be one of {', '.join(RESAMPLE_FILTERS)}, got {self.resample!r}")
+        for name in ("mean", "std"):
+            object.__setattr__(self, name, _three_floats(name, getattr(self, name)))
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std must be positive, got {self.std}")
+
+    @classmethod
+    def for_resolution(cls, image_size: int) -> PreprocessConfig:
+        """The official CvT evaluation recipe: centre crop at 87.5% below 384 pixels, squash from 384 up."""
+        return cls(image_size=image_size, crop_pct=0.875 if image_size < _SQUASH_FROM else None)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        """Read a transformers ``preprocessor_config.json`` dict as transformers would apply it.
+
+        ConvNext dicts (also the older ``ConvNextFeatureExtractor`` ones, whose ``size`` is an int)
+        and ViT dicts (a plain square resize) are understood. Missing keys take that processor's
+        transformers defaults, so the result matches what ``AutoImageProcessor`` would do with the
+        same file, not what a CvT checkpoint usually wants.
+        """
+        kind = _processor_kind(d)
+        defaults = _PROCESSOR_DEFAULTS[kind]
+        for key, what in (("do_resize", "resizing"), ("do_rescale", "rescaling by 1/255")):
+            if d.get(key) is False:
+                raise ConfigError(f"{key}=false is not supported: preprocessing always includes {what}")
+        if d.get("do_center_crop"):
+            raise ConfigError("do_center_crop is not supported; use size and crop_pct")
+        factor = d.get("rescale_factor")
+        if factor is not None and not (isinstance(factor, (int, float)) and math.isclose(factor, _RESCALE_FACTOR)):
+            raise ConfigError(f"rescale_factor must be 1/255, got {factor!r}")
+
+        image_size, squash = _parse_size(d.get("size", defaults["size"]), kind)
+        if squash or image_size >= _SQUASH_FROM:
+            # A {height, width} size is a plain resize, and ConvNextImageProcessor ignores crop_pct
+            # from 384 up and squashes.
+            crop_pct = None
+        else:
+            crop_pct = d.get("crop_pct")
+            crop_pct = defaults["crop_pct"] if crop_pct is None else crop_pct
+
+        resample = d.get("resample")
+        resample = defaults["resample"] if resample is None else resample
+        if isinstance(resample, str) and resample in RESAMPLE_FILTERS:
+            resample_name = resample
+        elif isinstance(resample, int) and not isinstance(resample, bool) and resample in _FILTER_NAMES:
+            resample_name = _FILTER_NAMES[resample]
+        else:
+            raise ConfigError(
+                f"resample {resample!r} is not supported; use one of "
+                + ", ".join(f"{number} ({name})" for number, name in sorted(_FILTER_NAMES.items()))
+            )
+
+        if d.get("do_normalize") is False:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        else:
+            mean = d.get("image_mean")
+            std = d.get("image_std")
+            mean = _IMAGENET_STANDARD if mean is None else mean
+            std = _IMAGENET_STANDARD if std is None else std
+        return cls(image_size=image_size, crop_pct=crop_pct, resample=resample_name, mean=mean, std=std)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A ``preprocessor_config.json`` dict that transformers' ``AutoImageProcessor`` applies identically.
+
+        The CvT recipes (crop below 384, squash from 384) are written as ``ConvNextImageProcessor``.
+        A squash below 384 cannot be said with it, so it is written as ``ViTImageProcessor`` (a plain
+        resize to ``size``, then rescale and normalise). A crop from 384 up has no transformers
+        equivalent and raises ``ConfigError``.
+        """
+        common = {
+            "do_resize": True,
+            "resample": RESAMPLE_FILTERS[self.resample],
+            "do_rescale": True,
+            "rescale_factor": _RESCALE_FACTOR,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+        }
+        n = self.image_size
+        if self.crop_pct is not None and n >= _SQUASH_FROM:
+            raise ConfigError(
+                f"a centre crop at image_size {n} cannot be written for transformers: its "
+                f"ConvNextImageProcessor squashes from {_SQUASH_FROM} up; use crop_pct=None"
+            )
+        if self.crop_pct is None and n < _SQUASH_FROM:
+            return {"image_processor_type": "ViTImageProcessor", "size": {"height": n, "width": n}, **common}
+        d = {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": n}, **common}
+        # From 384 up ConvNextImageProcessor never reads crop_pct, so none is written (transformers 5
+        # fails on an explicit null if the size is later edited below 384).
+        if self.crop_pct is not None:
+            d["crop_pct"] = self.crop_pct
+        return d
+
+    def __call__(self, image: ImageSource) -> torch.Tensor:
+        return preprocess(image, self)
+
+
+def read_preprocessor_config(directory: str | os.PathLike) -> PreprocessConfig | None:
+    """The ``preprocessor_config.json`` of a checkpoint folder, or None when it has none.
+
+    A path to the JSON file itself is accepted too.
+    """
+    path = Path(directory)
+    if path.is_dir():
+        path = path / PREPROCESSOR_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return PreprocessConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def write_preprocessor_config(cfg: PreprocessConfig, directory: str | os.PathLike) -> None:
+    """Write ``directory/preprocessor_config.json`` atomically, formatted as transformers writes it."""
+    text = json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
+    atomic_write_text(Path(directory) / PREPROCESSOR_CONFIG_NAME, text)
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Decode ``source`` into an RGB PIL image, or raise ``ImageError`` with a one-line reason.
+
+    Accepts a path, a PIL image, an ``HxWxC``/``HxW`` NumPy array, or a ``CxHxW``/``HxWxC``/``HxW``
+    tensor (uint8 0..255 or float 0..1; C = 1, 3 or 4). EXIF orientation is applied, as
+    transformers' ``load_image`` does for files and PIL images alike.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return _load_file(Path(source))
+    if isinstance(source, Image.Image):
+        return _decoded(source, getattr(source, "filename", "") or "<PIL image>")
+    if isinstance(source, torch.Tensor):
+        return _decoded(_tensor_to_pil(source), "<tensor>")
+    if isinstance(source, np.ndarray):
+        return _decoded(_array_to_pil(source, "<array>"), "<array>")
+    raise ImageError(
+        f"unsupported image input {type(source).__name__}: expected a path, a PIL image, "
+        "a NumPy array or a torch tensor"
+    )
+
+
+def preprocess(image: ImageSource, cfg: PreprocessConfig) -> torch.Tensor:
+    """One image as a normalised float32 ``[3, image_size, image_size]`` tensor."""
+    rgb = _resize_and_crop(load_image(image), cfg)
+    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
+    # transformers rescales in float64 and then casts; doing the same keeps us bit-identical.
+    x = pixels.to(torch.float64).mul_(_RESCALE_FACTOR).to(torch.float32)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def preprocess_batch(images: Iterable[ImageSource], cfg: PreprocessConfig) -> torch.Tensor:
+    """Several images as one ``[B, 3, image_size, image_size]`` batch."""
+    tensors = [preprocess(image, cfg) for image in images]
+    if not tensors:
+        return torch.empty((0, 3, cfg.image_size, cfg.image_size))
+    return torch.stack(tensors)
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _three_floats(name: str, value: Any) -> tuple[float, float, float]:
+    """Three finite floats; a single number is repeated per channel, as transformers does."""
+    if isinstance(value, (int, float)):
+        value = (value,) * 3
+    try:
+        values = tuple(float(v) for v in value) if not isinstance(value, str) else ()
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{name} must be three finite numbers (R, G, B), got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def _processor_kind(d: dict[str, Any]) -> str:
+    """Which transformers processor a dict describes, since int sizes and defaults depend on it."""
+    name = d.get("image_processor_type") or d.get("feature_extractor_type") or "ConvNextImageProcessor"
+    if not isinstance(name, str):
+        raise ConfigError(f"image_processor_type must be a string, got {name!r}")
+    if name.startswith("ConvNext"):
+        return "convnext"
+    if name.startswith("ViT"):
+        return "vit"
+    raise ConfigError(f"image processor {name!r} is not supported; expected ConvNextImageProcessor or ViTImageProcessor")
+
+
+def _parse_size(size: Any, kind: str) -> tuple[int, bool]:
+    """``(image_size, squash)`` from transformers' three spellings of ``size``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        # An int is a shortest edge for ConvNext and a square for ViT (transformers' get_size_dict).
+        return size, kind == "vit"
+    if isinstance(size, dict):
+        given = {k: v for k, v in size.items() if v is not None}
+        if set(given) == {"shortest_edge"} and kind == "convnext":
+            return _positive_int("size.shortest_edge", given["shortest_edge"]), False
+        if set(given) == {"height", "width"}:
+            height = _positive_int("size.height", given["height"])
+            if height != given["width"]:
+                raise ConfigError(f"only square outputs are supported, got size {size}")
+            return height, True
+    raise ConfigError(
+        f"size {size!r} is not supported; expected an int, {{'shortest_edge': N}} or {{'height': N, 'width': N}}"
+    )
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """ConvNextImageProcessor's resize (and centre crop), done by Pillow on the uint8 RGB image."""
+    n = cfg.image_size
+    resample = Image.Resampling(RESAMPLE_FILTERS[cfg.resample])
+    if cfg.crop_pct is None:
+        return img.resize((n, n), resample=resample)
+    # transformers' get_resize_output_image_size(default_to_square=False): the shorter side becomes
+    # `scale`, the longer int(scale * long / short), truncated.
+    scale = int(n / cfg.crop_pct)
+    width, height = img.size
+    if width <= height:
+        size = (scale, int(scale * height / width))
+    else:
+        size = (int(scale * width / height), scale)
+    img = img.resize(size, resample=resample)
+    # Same offsets as transformers' center_crop: floor of half the excess.
+    left, top = (size[0] - n) // 2, (size[1] - n) // 2
+    return img.crop((left, top, left + n, top + n))
+
+
+def _load_file(path: Path) -> Image.Image:
+    if not path.exists():
+        problem = "no such file"
+    elif path.is_dir():
+        problem = "is a directory"
+    elif path.stat().st_size == 0:
+        problem = "empty file"
+    else:
+        problem = None
+    if problem:
+        raise ImageError(f"{path}: cannot read image: {problem}")
+    try:
+        # Raises DecompressionBombError past twice Image.MAX_IMAGE_PIXELS, which we leave in place.
+        img = Image.open(path)
+    except Exception as exc:
+        raise ImageError(f"{path}: cannot read image: {_reason(exc)}") from exc
+    with img:
+        return _decoded(img, path)
+
+
+def _decoded(img: Image.Image, name: object) -> Image.Image:
+    """Fully decoded, upright, RGB copy of ``img``; every failure becomes a one-line ImageError."""
+    try:
+        # Pillow decodes lazily; load() here makes truncation and corruption fail now, not mid-resize.
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img))
+    except Exception as exc:
+        # Pillow's decoders raise many types for bad data (OSError, SyntaxError, EOFError, struct.error, ...).
+        raise ImageError(f"{name}: cannot read image: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image, or a format Pillow cannot read"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror  # without the "[Errno N]" prefix and the repeated path
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as transformers' load_image makes it, with 16-bit and float modes scaled to 8 bits first."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        # (v + 128) // 257 == round(v / 257) exactly: 257 is odd, so there are no ties.
+        img = Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    elif img.mode == "F":
+        values = np.asarray(img, dtype=np.float32)
+        finite = values[np.isfinite(values)]
+        if finite.size == 0 or finite.max() <= 1.0:
+            unit = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0)
+            img = Image.fromarray(np.round(unit * 255).astype(np.uint8))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
+    t = tensor.detach().cpu()
+    if t.is_floating_point():
+        t = t.to(torch.float32)  # NumPy has no bfloat16
+    if t.ndim == 3 and t.shape[0] in _CHANNEL_COUNTS:
+        # CxHxW is the torch convention and wins when both readings are possible.
+        t = t.permute(1, 2, 0)
+    elif not (t.ndim == 2 or (t.ndim == 3 and t.shape[-1] in _CHANNEL_COUNTS)):
+        raise ImageError(f"<tensor>: expected a CxHxW, HxWxC (C = 1, 3 or 4) or HxW tensor, got shape {tuple(tensor.shape)}")
+    return _array_to_pil(t.numpy(), "<tensor>")
+
+
+def _array_to_pil(arr: np.ndarray, name: str) -> Image.Image:
+    """An ``HxW`` or ``HxWxC`` uint8 (0..255) or float (0..1) array as an L, RGB or RGBA image."""
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in _CHANNEL_COUNTS)) or 0 in arr.shape:
+        raise ImageError(f"{name}: expected an HxWxC (C = 1, 3 or 4) or HxW image, got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ImageError(f"{name}: float pixels must lie in 0..1, got {np.nanmin(arr)}..{np.nanmax(arr)}")
+        arr = np.round(arr * 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ImageError(f"{name}: expected dtype uint8 (0..255) or float (0..1), got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return Image.fromarray(np.ascontiguousarray(arr))
