@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 
 from .config import PRESETS, CvTConfig
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_save
 
 logger = logging.getLogger("torchcvt")
 
@@ -466,19 +466,6 @@ def describe(config: CvTConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------ writing
-def atomic_save(write, path: Path) -> None:
-    """Call ``write(tmp_path)`` then rename it over ``path``, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(model, directory: str | os.PathLike, *, safe_serialization: bool = True, preprocess=None) -> Path:
     """Write transformers' layout: ``config.json``, ``model.safetensors`` (or ``pytorch_model.bin``),
     and ``preprocessor_config.json`` describing the evaluation transform of the weights."""

@@ -22,12 +22,12 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .fileio import atomic_write_text
 
 __version_marker__ = "torchcvt_version"
 
@@ -342,19 +342,6 @@ def _convert(kind: type, value: Any) -> Any:
     if not isinstance(value, str):
         raise TypeError(value)
     return value
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------- presets

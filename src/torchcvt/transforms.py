@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import atomic_write_text
+from .fileio import atomic_write_text
 from .errors import ConfigError, ImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
