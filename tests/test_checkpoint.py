@@ -75,6 +75,9 @@ def test_hidden_act_from_config_json(reference, tmp_path):
     assert create_model(weights=str(tmp_path / "plain")).config.hidden_act == "quick_gelu"
     # an explicit override wins over the file
     assert create_model(weights=str(directory), hidden_act="quick_gelu").config.hidden_act == "quick_gelu"
+    layout = torchcvt.CvTConfig(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 2, 3), num_classes=7)
+    assert create_model(layout, weights=str(directory)).config.hidden_act == "gelu"
+    assert create_model(layout, weights=str(directory), hidden_act="quick_gelu").config.hidden_act == "quick_gelu"
 
 
 def test_cvt21_into_cvt13_names_mismatched_keys(reference):

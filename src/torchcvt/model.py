@@ -127,7 +127,9 @@ class Attention(nn.Module):
         B, T, C = x.shape
         if self.with_cls_token:
             cls_token, x = torch.split(x, [1, H * W], dim=1)  # [B, 1, C], [B, H*W, C]
-        fmap = x.transpose(1, 2).reshape(B, C, H, W)  # [B, C, H, W]
+        # The tokens seen as a map: a channels-last view, no copy. The convolutions keep channels-last,
+        # so their outputs flatten back to contiguous tokens without a copy either.
+        fmap = x.unflatten(1, (H, W)).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last strides
         # each projection: [B, C, h', w'] -> [B, h'*w', C]
         q = self.conv_proj_q(fmap).flatten(2).transpose(1, 2)
         k = self.conv_proj_k(fmap).flatten(2).transpose(1, 2)
@@ -208,7 +210,8 @@ class Stage(nn.Module):
         cls_token = None
         if self.cls_token is not None:
             cls_token, x = torch.split(x, [1, H * W], dim=1)
-        return x.transpose(1, 2).reshape(B, C, H, W), cls_token  # [B, C, H, W], [B, 1, C] | None
+        # A channels-last view of the tokens: no copy, and the next stage's embedding conv reads it as is.
+        return x.unflatten(1, (H, W)).permute(0, 3, 1, 2), cls_token  # [B, C, H, W], [B, 1, C] | None
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -411,8 +414,8 @@ def create_model(
     if isinstance(name_or_config, str) and weights is None and is_checkpoint_source(name_or_config):
         name_or_config, weights = None, name_or_config
     if weights is not None:
-        return load_model(weights, config=_resolve_config(name_or_config, overrides) if name_or_config is not None else None,
-                          num_classes=num_classes, **({} if name_or_config is not None else overrides))
+        base = None if name_or_config is None else _resolve_config(name_or_config, {})
+        return load_model(weights, config=base, num_classes=num_classes, **overrides)
     if name_or_config is None:
         raise ConfigError("create_model needs a preset name, a CvTConfig or weights")
     config = _resolve_config(name_or_config, overrides)
