@@ -7,8 +7,9 @@ from .errors import CheckpointError, ConfigError, DataError, ImageError, TorchCv
 from .model import CvT, create_model  # noqa: E402
 from .checkpoint import load_model, read_checkpoint, save_pretrained  # noqa: E402
 from .summary import summary  # noqa: E402
+from .inference import Classifier  # noqa: E402
 
 __all__ = [
-    "CvT", "CvTConfig", "create_model", "list_models", "preset_config", "load_model", "read_checkpoint",
+    "CvT", "CvTConfig", "Classifier", "create_model", "list_models", "preset_config", "load_model", "read_checkpoint",
     "save_pretrained", "summary", "TorchCvTError", "ConfigError", "CheckpointError", "ImageError", "DataError",
 ]
