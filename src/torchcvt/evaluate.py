@@ -1,0 +1,274 @@
+"""Evaluation: top-1, top-5, loss, per-class accuracy and a confusion matrix (``cvt eval``).
+
+``evaluate(model, loader)`` is what training calls after every epoch and what ``cvt eval`` prints.
+It only accumulates integer counts and a loss sum, so that under ``torch.distributed`` (each rank
+evaluating its own shard) one all-reduce gives every rank the metrics of the whole set, exactly.
+
+    cvt eval --weights runs/digits --data digits            # the held-out digits
+    cvt eval --weights ./my-run --data ./photos --format json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import ConfigError, DataError
+from .fileio import atomic_save
+
+TOP_K = 5
+
+
+@dataclass
+class EvalResult:
+    """Metrics over ``count`` images. ``confusion[i, j]``: images of class i predicted as class j."""
+
+    count: int
+    loss: float  # mean cross-entropy (no label smoothing)
+    top1: float  # fraction of images whose highest logit is the true class
+    top5: float  # fraction whose true class is among the ``k`` highest logits
+    k: int  # 5, or the number of classes when there are fewer
+    confusion: torch.Tensor  # [num_classes, num_classes] int64, rows true, columns predicted
+
+    @property
+    def per_class_accuracy(self) -> list[float | None]:
+        """Recall of each class (None for a class without images)."""
+        correct = self.confusion.diag().tolist()
+        totals = self.confusion.sum(dim=1).tolist()
+        return [c / t if t else None for c, t in zip(correct, totals)]
+
+    def to_dict(self, labels: list[str] | None = None) -> dict[str, Any]:
+        names = labels or [str(i) for i in range(self.confusion.shape[0])]
+        return {
+            "images": self.count,
+            "top1": self.top1,
+            "top5": self.top5,
+            "top5_k": self.k,
+            "loss": self.loss,
+            "per_class_accuracy": dict(zip(names, self.per_class_accuracy)),
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    num_classes: int | None = None,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    distributed: bool = False,
+) -> EvalResult:
+    """Metrics of ``model`` (logits ``[B, N]``) over ``loader`` (batches of images and int labels).
+
+    ``num_classes``: N (default: ``model.num_classes``). ``device``: where to run (default: the
+    model's). ``amp_dtype``: autocast dtype (bfloat16/float16) or None for full precision.
+    ``distributed``: every rank evaluated a disjoint shard; sum the counts over all ranks.
+    The model is put in eval mode and its training flag restored afterwards.
+    """
+    num_classes = num_classes or model.num_classes
+    param = next(model.parameters())
+    device = torch.device(device) if device is not None else param.device
+    k = min(TOP_K, num_classes)
+    # Sums on the device, read once at the end: no host sync per batch.
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    topk_hits = torch.zeros((), dtype=torch.int64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                logits = model(x)
+            logits = logits.float()  # [B, N]
+            if logits.shape[-1] != num_classes:
+                raise DataError(f"the model gives {logits.shape[-1]} logits, expected {num_classes} classes")
+            if y.min() < 0 or y.max() >= num_classes:
+                raise DataError(f"labels must lie in 0..{num_classes - 1}, got {int(y.min())}..{int(y.max())}")
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            topk_hits += (logits.topk(k, dim=-1).indices == y[:, None]).any(dim=-1).sum()
+            # index_put_ with accumulate: deterministic on CUDA too, where bincount is not.
+            cells = y * num_classes + logits.argmax(dim=-1)
+            confusion.index_put_((cells,), torch.ones_like(cells), accumulate=True)
+    finally:
+        model.train(was_training)
+    if distributed:
+        import torch.distributed as dist
+
+        # One float64 vector keeps the counts exact (far below 2**53) and costs one collective.
+        stats = torch.cat([confusion.double(), loss_sum.view(1), topk_hits.double().view(1)])
+        dist.all_reduce(stats)
+        confusion, loss_sum, topk_hits = stats[:-2].round().long(), stats[-2], stats[-1].round().long()
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    count = int(confusion.sum())
+    if count == 0:
+        raise DataError("nothing to evaluate: the dataset is empty")
+    return EvalResult(
+        count=count,
+        loss=float(loss_sum) / count,
+        top1=int(confusion.diag().sum()) / count,
+        top5=int(topk_hits) / count,
+        k=k,
+        confusion=confusion,
+    )
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", required=True,
+                        help="checkpoint folder or file (a run folder, its last.pt or best.pt), a hub id or a short name (`cvt models`)")
+    parser.add_argument("--data", required=True, help="'digits' (its held-out split), an image folder, an Oxford-IIIT Pet folder or a .csv")
+    parser.add_argument("--split", default="val", choices=("val", "train"),
+                        help="which split to evaluate (default: val; folders without train/ and val/ hold out --val-fraction)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction of a folder without a val/ split (default: 0.1)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of that hold-out (default: 0, as `cvt train`)")
+    parser.add_argument("--image-size", type=int, default=None, help="input side (default: the checkpoint's preprocessing)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: 0 for digits, else min(4, CPUs - 1))")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (fp16: CUDA only)")
+    parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted) instead of stopping")
+    parser.add_argument("--output", default=None,
+                        help="confusion-matrix PNG path (default: confusion_matrix.png in the checkpoint's folder, else here)")
+    parser.add_argument("--save-images", type=int, default=0, metavar="N",
+                        help="also write the first N evaluated images, as the model sees them, to images/ beside the "
+                             "confusion matrix (PNG named INDEX_LABEL.png), e.g. to try `cvt predict` on them")
+    parser.add_argument("--format", default="text", choices=("text", "json"),
+                        help="text (default) or json: one object with top1, top5 (fractions), loss, per_class_accuracy")
+
+
+def _checkpoint_folder(weights: str) -> Path | None:
+    """The local folder a checkpoint lives in (the run folder for last.pt/best.pt), or None for a hub id."""
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return path.parent
+    return None
+
+
+def _check_labels(model_labels: dict[int, str] | None, data_labels: dict[int, str], num_classes: int, data: str) -> str | None:
+    """Raise when the class counts differ; a note when both name their classes differently."""
+    if len(data_labels) != num_classes:
+        raise DataError(f"{data} has {len(data_labels)} classes but the model has {num_classes}; evaluate on data with the model's classes")
+    if model_labels is None or all(model_labels[i] == data_labels[i] for i in range(num_classes)):
+        return None
+    first = next(i for i in range(num_classes) if model_labels[i] != data_labels[i])
+    return (f"note: class names differ from the model's (class {first}: {data_labels[first]!r} in the data, "
+            f"{model_labels[first]!r} in the model); classes are matched by index")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .datasets import build_datasets
+    from .inference import Classifier
+    from .plots import plot_confusion_matrix
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.save_images < 0:
+        raise ConfigError(f"--save-images must be >= 0, got {args.save_images}")
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available; use --device cpu")
+    if args.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    if not Path(args.data).expanduser().exists() and args.data != "digits":
+        # Before the (slow) model load: the most common mistake gets the quickest answer.
+        raise DataError(f"data not found: {args.data} (expected 'digits', an image folder or a .csv file)")
+
+    # The weights with the evaluation preprocessing that belongs to them (hub ids and short names too).
+    classifier = Classifier(args.weights, device=device)
+    model, pre = classifier.model, classifier.preprocess_config
+    if args.image_size is not None:
+        pre = dataclasses.replace(pre, image_size=args.image_size)
+    digits = args.data == "digits"
+    # No augmentation on either split. Digits are in-memory tensors: their transforms map tensors.
+    splits = build_datasets(
+        args.data, image_size=pre.image_size, train_transform=_identity if digits else pre,
+        eval_transform=None if digits else pre, val_fraction=args.val_fraction, seed=args.split_seed,
+        skip_bad_images=args.skip_bad_images,
+    )
+    note = _check_labels(model.config.id2label, splits.id2label, model.num_classes, args.data)
+    if note:
+        print(note, file=sys.stderr)
+    dataset = splits.val if args.split == "val" else splits.train
+    workers = args.workers if args.workers is not None else (0 if digits else min(4, max(0, (os.cpu_count() or 1) - 1)))
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    result = evaluate(model, loader, device=device, amp_dtype=amp)
+
+    labels = [splits.id2label[i] for i in range(model.num_classes)]
+    folder = _checkpoint_folder(args.weights)
+    png = Path(args.output) if args.output else (folder or Path(".")) / "confusion_matrix.png"
+    plot_confusion_matrix(result.confusion, labels, png,
+                          title=f"{args.data} ({args.split}): top-1 {100 * result.top1:.2f} %, {result.count} images")
+    images = save_images(dataset, labels, splits.mean, splits.std, png.parent / "images", args.save_images) if args.save_images else None
+    if args.format == "json":
+        out = {"weights": args.weights, "data": args.data, "split": args.split, **result.to_dict(labels),
+               "skipped_images": len(splits.skipped), "confusion_matrix_png": str(png)}
+        if images is not None:
+            out["images_dir"] = str(images)
+        print(json.dumps(out))
+        return 0
+    print(f"{args.weights} on {args.data} ({args.split}): {result.count} images, {model.num_classes} classes"
+          + (f", {len(splits.skipped)} unreadable image(s) skipped" if splits.skipped else ""))
+    print(f"top-1 {100 * result.top1:.2f} %   top-{result.k} {100 * result.top5:.2f} %   loss {result.loss:.4f}")
+    print(_per_class_table(result, labels))
+    print(f"confusion matrix: {png}")
+    if images is not None:
+        print(f"{min(args.save_images, len(dataset))} images: {images}")
+    return 0
+
+
+def save_images(
+    dataset: Dataset, labels: list[str], mean: Sequence[float], std: Sequence[float], folder: Path, limit: int
+) -> Path:
+    """The first ``limit`` items of ``dataset`` as 8-bit PNGs, un-normalised: for an input that the
+    preprocessing only resizes (digits) ``cvt predict`` sees them as evaluation did, to 8-bit rounding."""
+    mean_t = torch.tensor(mean).view(3, 1, 1)
+    std_t = torch.tensor(std).view(3, 1, 1)
+    for i in range(min(limit, len(dataset))):
+        x, y = dataset[i]
+        pixels = (x * std_t + mean_t).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # [H, W, 3]
+        name = "".join(c if c.isalnum() or c in "-." else "_" for c in labels[y])
+        image = Image.fromarray(pixels)
+        atomic_save(lambda tmp: image.save(tmp, format="PNG"), folder / f"{i:04d}_{name}.png")
+    return folder
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _per_class_table(result: EvalResult, labels: list[str], limit: int = 30) -> str:
+    """Accuracy of every class, or of the ``limit`` worst when there are more."""
+    totals = result.confusion.sum(dim=1).tolist()
+    correct = result.confusion.diag().tolist()
+    order = list(range(len(labels)))
+    title = "per-class accuracy:"
+    if len(labels) > limit:
+        order = sorted(order, key=lambda i: (correct[i] / totals[i]) if totals[i] else np.inf)[:limit]
+        title = f"per-class accuracy, the {limit} worst of {len(labels)} classes:"
+    width = min(max(len(labels[i]) for i in order), 40)
+    rows = [title]
+    for i in order:
+        acc = f"{100 * correct[i] / totals[i]:6.2f} %" if totals[i] else "     - "
+        rows.append(f"  {labels[i][:40]:<{width}}  {acc}  ({correct[i]}/{totals[i]})")
+    return "\n".join(rows)
