@@ -1,0 +1,375 @@
+"""``cvt bench``: torchcvt against transformers' CvT, same weights, same process, timed alternately.
+
+Method (also in docs/performance.md):
+
+* One set of random weights: a torchcvt CvT with ``hidden_act="gelu"`` (what transformers computes)
+  and random BatchNorm statistics is written with ``save_pretrained`` and read back by
+  ``CvtForImageClassification.from_pretrained``; the logits must agree within 1e-4 before any timing.
+* Timing: in each round every candidate runs once, in an order that rotates from round to round,
+  after warm-up rounds. We report the median time of each and the median of the per-round
+  ratios (transformers' time / ours): on a shared machine neighbouring runs see the same load,
+  so the ratio is far steadier than either time.
+* Throughput: GFLOP/s = 2 x MACs (``torchcvt.summary``: matrix products, convolutions, attention)
+  x batch / time; a training step counts 3x the forward FLOPs. "% mm" and "% oneDNN" relate it
+  to the fp32 GEMM rates measured here on 2048^3 products: ``torch.mm`` (MKL, what ``nn.Linear``
+  uses by default) and oneDNN (what torchcvt's linears use on CPU).
+* Peak memory: each (model, case) runs in a fresh subprocess with glibc's dynamic mmap threshold
+  off (``MALLOC_MMAP_THRESHOLD_``), so freed tensors go back to the OS and the resident set follows
+  the live tensors; after one warm-up call the kernel's high-water mark is reset
+  (``/proc/self/clear_refs``), the case runs once more, and we report the high-water mark minus the
+  resident set before that run: the memory the call itself needs (activations, gradients, workspace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import CvTConfig, preset_config
+from .errors import ConfigError, TorchCvTError
+
+TOLERANCE = 1e-4
+
+
+# ------------------------------------------------------------------------------------ timing
+def time_alternating(candidates: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, ``repeats`` rounds after ``warmup`` untimed ones.
+
+    Each round runs every candidate once; the order rotates by one each round so no candidate
+    always follows the same one (caches, CPU frequency and neighbours' load affect all alike).
+    """
+    names = list(candidates)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            candidates[name]()
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def median_ratio(reference: list[float], other: list[float]) -> float:
+    """Median over rounds of ``reference / other``: how many times faster ``other`` is."""
+    return statistics.median(a / b for a, b in zip(reference, other))
+
+
+def matmul_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """fp32 GEMM rate in GFLOP/s of ``torch.mm`` (MKL on x86) and of oneDNN, timed alternately."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    candidates: dict[str, Callable[[], object]] = {"torch.mm": lambda: torch.mm(a, b)}
+    if torch.backends.mkldnn.is_available():
+        candidates["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    with torch.inference_mode():
+        times = time_alternating(candidates, repeats=repeats, warmup=1)
+    return {k: 2 * n**3 / statistics.median(v) / 1e9 for k, v in times.items()}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------- the two models
+def reference_pair(name: str | CvTConfig, directory: str | os.PathLike, seed: int = 0):
+    """``(transformers model, torchcvt model)`` with the same random weights, both in eval mode.
+
+    The torchcvt model is written to ``directory`` (transformers' layout) and read back by
+    transformers. BatchNorm statistics are random so folding them is exercised.
+    """
+    try:
+        from transformers import CvtForImageClassification
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise TorchCvTError("cvt bench compares against transformers: pip install transformers") from None
+    from .model import CvT
+
+    config = preset_config(name, hidden_act="gelu") if isinstance(name, str) else name.replace(hidden_act="gelu")
+    if any(m != "dw_bn" for m in config.qkv_projection_method) or any(config.cls_token[:-1]):
+        raise ConfigError(f"{name}: transformers' CvT supports only dw_bn projections with a cls token in the last stage")
+    if any(d <= i for i, d in enumerate(config.depth)):
+        raise ConfigError(f"{name}: transformers' CvT cannot build a stage i with depth <= i, got depth {list(config.depth)}")
+    torch.manual_seed(seed)
+    ours = CvT(config=config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in ours.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.5 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    ours.save_pretrained(str(directory))
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    theirs = CvtForImageClassification.from_pretrained(str(directory))
+    return theirs.eval(), ours.eval()
+
+
+def _forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits of either kind of model (transformers returns an output object)."""
+    return lambda x: getattr(out := model(x), "logits", out)
+
+
+def make_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step: forward, cross-entropy, backward, AdamW (PyTorch's default CPU implementation)."""
+    model.train()
+    forward = _forward(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def step() -> None:
+        loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ------------------------------------------------------------------------------- peak memory
+_MEMORY_CHILD = """
+import json, sys, torch
+from torchcvt.bench import _memory_child
+print(json.dumps(_memory_child(*json.loads(sys.argv[1]))))
+"""
+
+
+def _rss_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field_name}")
+
+
+def _memory_child(kind: str, case: str, directory: str, batch: int, image_size: int, threads: int) -> float:
+    """Run in a fresh process: MiB the case needs at its peak beyond what is resident before it."""
+    from .model import CvT
+
+    torch.set_num_threads(threads)
+    if kind == "transformers":
+        from transformers import CvtForImageClassification
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        model = CvtForImageClassification.from_pretrained(directory).eval()
+    else:
+        model = CvT.from_pretrained(directory).eval()
+        if kind == "optimized":
+            from .optimize import optimize_for_inference
+
+            model = optimize_for_inference(model)
+    x = torch.randn(batch, 3, image_size, image_size)
+    if case == "train":
+        y = torch.randint(0, model.config.num_labels if kind == "transformers" else model.num_classes, (batch,))
+        run = make_train_step(model, x, y)
+    else:
+        forward = _forward(model)
+
+        def run() -> None:
+            with torch.inference_mode():
+                forward(x)
+
+    run()  # warm-up: optimizer state, oneDNN primitive caches
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    before = _rss_kib("VmRSS")
+    run()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def peak_memory_mib(kind: str, case: str, directory: str | os.PathLike, batch: int, image_size: int, threads: int) -> float | None:
+    """Peak MiB of one call of ``case`` ("train" or "infer") for ``kind``, measured in a fresh process; None off Linux."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+    args = json.dumps([kind, case, str(directory), batch, image_size, threads])
+    result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, args], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise TorchCvTError(f"memory measurement of {kind} {case} failed: {reason}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------ the run
+def _rounds(repeats: int, batch: int) -> int:
+    """Timed rounds for a batch size: ``repeats`` at batch 8, twice that at 1, fewer (>= 3) above 8."""
+    if batch <= 1:
+        return 2 * repeats
+    return max(3, repeats * 8 // batch) if batch > 8 else repeats
+
+
+@dataclass
+class Row:
+    case: str
+    batch: int
+    model: str
+    times: list[float]
+    gflop: float  # GFLOP per call
+    speedup: float | None = None  # transformers' time / this time, median over rounds
+    peak_mib: float | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+@dataclass
+class Report:
+    name: str
+    image_size: int
+    threads: int
+    matmul: dict[str, float]
+    diffs: dict[str, float]
+    rows: list[Row] = field(default_factory=list)
+    matmul_size: int = 2048
+    load: list[str] = field(default_factory=lambda: [_load_average(), "?"])  # 1/5/15-minute load: other work on the machine
+
+    def table(self) -> str:
+        mm, dnnl = self.matmul.get("torch.mm"), self.matmul.get("oneDNN")
+        rates = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in self.matmul.items())
+        lines = [
+            f"{self.name} at {self.image_size}x{self.image_size}, fp32, {self.threads} threads, torch {torch.__version__}, "
+            f"CPU: {cpu_name()} ({os.cpu_count()} logical cores), load average at start/end: {self.load[0]} / {self.load[1]}",
+            f"fp32 matmul rate ({self.matmul_size}^3, alternated): {rates}",
+            "max |logits - transformers|: " + ", ".join(f"{k} {v:.1e}" for k, v in self.diffs.items()),
+        ]
+        columns = [("case", 10), ("batch", 5), ("model", 26), ("median ms", 9), ("img/s", 7), ("GFLOP/s", 7),
+                   ("% mm", 5), ("% oneDNN", 8), ("speedup", 7), ("peak MiB", 8)]
+        lines += ["", "| " + " | ".join(f"{c:<{w}}" for c, w in columns) + " |",
+                  "|" + "|".join("-" * (w + 2) for _, w in columns) + "|"]
+        for r in self.rows:
+            gflops = r.gflop / r.median
+            cells = [
+                r.case, str(r.batch), r.model, f"{r.median * 1e3:.1f}", f"{r.batch / r.median:.1f}", f"{gflops:.0f}",
+                f"{100 * gflops / mm:.0f}%" if mm else "-", f"{100 * gflops / dnnl:.0f}%" if dnnl else "-",
+                f"{r.speedup:.2f}x" if r.speedup is not None else "1.00x",
+                f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-",
+            ]
+            lines.append("| " + " | ".join(f"{c:<{w}}" if i < 3 else f"{c:>{w}}" for i, (c, (_, w)) in enumerate(zip(cells, columns))) + " |")
+        return "\n".join(lines)
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def run_benchmark(
+    name: str | CvTConfig = "cvt-13",
+    *,
+    batches: tuple[int, ...] = (1, 8, 32),
+    train_batch: int | None = 16,
+    repeats: int = 10,
+    threads: int | None = None,
+    memory: bool = True,
+    matmul_size: int = 2048,
+    log: Callable[[str], None] = lambda s: None,
+) -> Report:
+    """Time transformers, torchcvt (eval) and ``optimize_for_inference`` on the same weights.
+
+    ``name``: a preset or a CvTConfig that transformers can build. The memory subprocesses read the
+    weights from a temporary directory, so they work for any layout.
+    """
+    from .checkpoint import describe
+    from .optimize import optimize_for_inference
+    from .summary import summary
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="cvt-bench-") as directory:
+        theirs, ours = reference_pair(name, directory)
+        size = ours.config.image_size
+        optimized = optimize_for_inference(ours)
+        models: dict[str, torch.nn.Module] = {"transformers": theirs, "torchcvt": ours, "torchcvt optimized": optimized}
+        gflop_per_image = 2 * summary(ours, size).macs / 1e9
+
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            ref = theirs(x).logits
+            diffs = {k: (_forward(m)(x) - ref).abs().max().item() for k, m in models.items() if k != "transformers"}
+        bad = {k: v for k, v in diffs.items() if not v < TOLERANCE}
+        if bad:
+            raise TorchCvTError(f"logits differ from transformers by {bad} (tolerance {TOLERANCE}); not timing different models")
+        log(f"logits agree with transformers: {diffs}")
+        report = Report(name if isinstance(name, str) else describe(ours.config), size, threads, matmul_rates(matmul_size), diffs, matmul_size=matmul_size)
+        log(f"matmul rates: {report.matmul}")
+
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size)
+            fns = {k: (lambda f=_forward(m): f(x)) for k, m in models.items()}
+            with torch.inference_mode():
+                times = time_alternating(fns, repeats=_rounds(repeats, batch), warmup=1)
+            for k in models:
+                row = Row("inference", batch, k, times[k], gflop_per_image * batch,
+                          None if k == "transformers" else median_ratio(times["transformers"], times[k]))
+                if memory and batch == 8:
+                    row.peak_mib = peak_memory_mib(k.replace("torchcvt optimized", "optimized"), "infer", directory, batch, size, threads)
+                report.rows.append(row)
+                log(f"inference batch {batch} {k}: {statistics.median(times[k]) * 1e3:.1f} ms")
+
+        if train_batch:
+            x = torch.randn(train_batch, 3, size, size)
+            y = torch.randint(0, ours.num_classes, (train_batch,))
+            # Copies: the optimizer steps change the weights.
+            steps = {"transformers": make_train_step(copy.deepcopy(theirs), x, y), "torchcvt": make_train_step(copy.deepcopy(ours), x, y)}
+            times = time_alternating(steps, repeats=max(3, repeats // 2), warmup=1)
+            for k in steps:
+                row = Row("train step", train_batch, k, times[k], 3 * gflop_per_image * train_batch,
+                          None if k == "transformers" else median_ratio(times["transformers"], times[k]))
+                if memory:
+                    row.peak_mib = peak_memory_mib(k, "train", directory, train_batch, size, threads)
+                report.rows.append(row)
+                log(f"train step batch {train_batch} {k}: {statistics.median(times[k]) * 1e3:.1f} ms")
+    report.load[1] = _load_average()
+    return report
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="cvt-13", help="preset to build with random weights (default cvt-13)")
+    parser.add_argument("--batch-sizes", default="1,8,32", help="inference batch sizes, comma-separated (default 1,8,32)")
+    parser.add_argument("--train-batch", type=int, default=16, help="training-step batch size; 0 skips it (default 16)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds at batch 8 (more at 1, fewer above 8; default 10)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's, one per core)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--quick", action="store_true", help="batches 1 and 8, 4 rounds, training batch 8, no memory")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be integers separated by commas, got {args.batch_sizes!r}") from None
+    if any(b <= 0 for b in batches) or args.repeats <= 0 or args.train_batch < 0:
+        raise ConfigError("--batch-sizes and --repeats must be positive, --train-batch >= 0")
+    repeats, train_batch, memory = args.repeats, args.train_batch, not args.no_memory
+    if args.quick:
+        batches, repeats, train_batch, memory = (1, 8), 4, 8, False
+    report = run_benchmark(
+        args.model, batches=batches, train_batch=train_batch, repeats=repeats, threads=args.threads,
+        memory=memory, log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    print(report.table())
+    return 0

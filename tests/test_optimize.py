@@ -1,0 +1,151 @@
+"""optimize_for_inference and the oneDNN linear against references: transformers' CvT, the official
+attention transcribed with einsum (test_model.official_attention), and hand formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import torchcvt
+from torchcvt import CvT, CvTConfig
+from torchcvt.model import Linear, use_onednn
+from torchcvt.optimize import FusedBlock, optimize_for_inference
+
+from conftest import randomize_norms
+from test_model import official_attention
+from test_parity import SHAPES, compare
+
+
+@pytest.mark.parametrize("name", ["tiny", "cvt-13"])
+def test_optimized_matches_transformers(reference, name):
+    hf_model, directory = reference(name)
+    model = optimize_for_inference(torchcvt.create_model(weights=str(directory)))
+    assert all(isinstance(b, FusedBlock) for s in model.stages for b in s.blocks)
+    for i, shape in enumerate(SHAPES if name == "tiny" else SHAPES[1:3]):
+        compare(hf_model, model, shape, seed=i)  # logits, every stage's features, forward_head
+
+
+def tiny(**changes) -> CvTConfig:
+    base = dict(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 1, 2), num_classes=5, image_size=64)
+    return CvTConfig(**{**base, **changes})
+
+
+def official_block(block, x, h, w, method, act):
+    """Pre-norm block with the official attention and a hand-written MLP (the activation by formula)."""
+    x = x + official_attention(block.attn, block.norm1(x), h, w, method)
+    hidden = F.linear(block.norm2(x), block.mlp.fc1.weight, block.mlp.fc1.bias)
+    hidden = hidden * torch.sigmoid(1.702 * hidden) if act == "quick_gelu" else 0.5 * hidden * (1 + torch.erf(hidden / 2**0.5))
+    return x + F.linear(hidden, block.mlp.fc2.weight, block.mlp.fc2.bias)
+
+
+@pytest.mark.parametrize("method", ["dw_bn", "avg", "linear"])
+@pytest.mark.parametrize("with_cls", [False, True])
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_fused_block_matches_official_formulation(method, with_cls, act):
+    """Cases transformers cannot build: avg/linear projections, QuickGELU, a cls token anywhere."""
+    torch.manual_seed(2)
+    config = tiny(qkv_projection_method=(method,) * 3, cls_token=(False, with_cls, with_cls), hidden_act=act)
+    model = CvT(config=config).eval()
+    randomize_norms(model)
+    with torch.no_grad():
+        for p in model.parameters():  # biases too: a dropped or doubled bias must show
+            p.add_(0.02 * torch.randn_like(p))
+    fused = optimize_for_inference(model).stages[2].blocks[1]
+    block = model.stages[2].blocks[1]
+    for h, w in [(5, 7), (4, 4)]:
+        x = torch.randn(3, h * w + int(with_cls), 48)
+        with torch.no_grad():
+            expected = official_block(block, x, h, w, method, act)
+            assert (fused(x, h, w) - expected).abs().max().item() < 1e-5
+
+
+def test_optimized_model_api_and_errors():
+    model = CvT(config=tiny(hidden_act="quick_gelu")).eval()
+    optimized = optimize_for_inference(model)
+    assert optimized is not model and isinstance(model.stages[0].blocks[0], torchcvt.model.Block)  # the original is untouched
+    assert not any(p.requires_grad for p in optimized.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert optimized.forward_intermediates(x, intermediates_only=True)[-1].shape == (2, 48, 4, 4)
+        assert optimized(x[:1]).shape == (1, 5)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        optimized.train()
+    with pytest.raises(TypeError, match="torchcvt CvT"):
+        optimize_for_inference(torch.nn.Linear(2, 2))
+
+
+def test_onednn_linear_gradients_match_f_linear():
+    """The oneDNN autograd path gives F.linear's output and gradients (reference: PyTorch's autograd)."""
+    torch.manual_seed(3)
+    layer = Linear(24, 40)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    upstream = torch.randn(2, 7, 40)
+    assert use_onednn(x) == torch.backends.mkldnn.is_available()
+    out = layer(x)
+    assert "OneDNN" in type(out.grad_fn.next_functions[0][0]).__name__  # view <- our Function
+    gx, gw, gb = torch.autograd.grad(out, (x, layer.weight, layer.bias), upstream)
+    ref = F.linear(x, layer.weight, layer.bias)
+    rx, rw, rb = torch.autograd.grad(ref, (x, layer.weight, layer.bias), upstream)
+    assert (out - ref).abs().max() < 1e-5
+    for ours, theirs in ((gx, rx), (gw, rw), (gb, rb)):
+        assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_training_step_gradients_match_plain_linear(monkeypatch):
+    """A whole CvT's gradients with the oneDNN linears equal those with F.linear everywhere."""
+    torch.manual_seed(4)
+    model = CvT(config=tiny(drop_path_rate=(0.0, 0.0, 0.0))).train()
+    randomize_norms(model)
+    x, y = torch.randn(3, 3, 40, 48), torch.tensor([0, 3, 4])
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ours = gradients()
+    monkeypatch.setattr(torchcvt.model, "use_onednn", lambda t: False)
+    reference = gradients()
+    for name, grad in reference.items():
+        assert (ours[name] - grad).abs().max() < 1e-5 * max(1.0, grad.abs().max().item()), name
+
+
+def test_flop_counter_sees_plain_linears():
+    """Under a dispatch mode (FLOP counting, fake tensors) the linear is plain aten: 2*N*in*out FLOPs."""
+    layer = Linear(24, 40).eval()
+    x = torch.randn(6, 24)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        layer(x)
+    assert counter.get_total_flops() == 2 * 6 * 24 * 40
+
+
+# ---- the benchmark's measuring code (cvt bench)
+def test_time_alternating_rotates_and_median_ratio_by_hand():
+    from torchcvt.bench import median_ratio, time_alternating
+
+    calls = []
+    times = time_alternating({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": lambda: calls.append("c")},
+                             repeats=2, warmup=1)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-up round, then rotated rounds
+    assert all(len(v) == 2 for v in times.values())
+    # per-round ratios 2, 3, 10 -> median 3 (the mean of the times would say 2.9 / 0.7 = 4.1)
+    assert median_ratio([2.0, 0.6, 0.1], [1.0, 0.2, 0.01]) == pytest.approx(3.0)
+
+
+def test_run_benchmark_small_layout():
+    from torchcvt.bench import run_benchmark
+
+    config = CvTConfig(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 2, 3), num_classes=7, image_size=64)
+    report = run_benchmark(config, batches=(1, 2), train_batch=2, repeats=1, memory=False, matmul_size=256)
+    assert all(v < 1e-4 for v in report.diffs.values())  # checked against transformers before timing
+    assert [(r.case, r.batch, r.model) for r in report.rows] == [
+        ("inference", b, m) for b in (1, 2) for m in ("transformers", "torchcvt", "torchcvt optimized")
+    ] + [("train step", 2, "transformers"), ("train step", 2, "torchcvt")]
+    flops = 2 * torchcvt.summary(CvT(config=config), 64).macs * 2 / 1e9
+    assert report.rows[3].gflop == pytest.approx(flops)  # batch 2 inference: 2 x MACs x batch
+    assert report.rows[-1].gflop == pytest.approx(3 * flops)  # a training step: 3x the forward
+    table = report.table()
+    assert "torch.mm" in table and "| train step" in table and f"{report.threads} threads" in table
