@@ -16,9 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# The main job, offline: train cvt-tiny on scikit-learn's digits, evaluate it on the held-out split,
+# classify a few held-out digits saved as PNG files, and point at the learning curves.
 demo: setup
-	$(BIN)/cvt summary cvt-13
-	$(BIN)/python examples/classify_generated_image.py
+	$(BIN)/cvt train --output $(RUN)
+	$(BIN)/cvt eval --weights $(RUN) --data digits --save-images 8
+	$(BIN)/cvt predict --weights $(RUN) --top-k 3 $(RUN)/images
+	@echo "learning curves: $(RUN)/learning_curves.png   confusion matrix: $(RUN)/confusion_matrix.png"
 
 test: setup
 	$(BIN)/python -m pytest -q
