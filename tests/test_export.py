@@ -86,6 +86,10 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
     code = main(["export", "--weights", "cvt-13", "--format", "onnx", "--output", str(tmp_path / "x.onnx"), "--image-size", "2"])
     err = capsys.readouterr().err
     assert code == 1 and "--image-size 2" in err and err.count("\n") == 1
+    code = main(["export", "--weights", "cvt-13", "--format", "onnx", "--output", str(tmp_path / "x.onnx"), "--image-size", "34", "--dynamic"])
+    err = capsys.readouterr().err
+    assert code == 1 and "at least 35" in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 The exported graph is the network alone: input ``pixel_values`` ``[B, 3, H, W]`` float32, RGB,
 resized, cropped and normalised as described by ``preprocess`` in the JSON file written beside
 the model (``model.onnx`` -> ``model.onnx.json``); output ``logits`` ``[B, num_classes]``.
-With ``dynamic=True`` the batch, height and width are free (any size the layout accepts).
+With ``dynamic=True`` the batch, height and width are free (sides from ``min_dynamic_side``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_save, is_checkpoint_source, resolve_source
+from .config import CvTConfig
 from .errors import ConfigError, TorchCvTError
+from .transforms import PreprocessConfig, read_preprocessor_config
 
 TOLERANCE = 1e-4
 FORMATS = ("onnx", "pt2")
@@ -33,7 +35,7 @@ def _example_input(model: torch.nn.Module, batch: int, height: int, width: int) 
     return torch.randn(batch, model.config.num_channels, height, width, generator=g).to(dtype)
 
 
-def min_dynamic_side(config) -> int:
+def min_dynamic_side(config: CvTConfig) -> int:
     """Smallest height/width a dynamic export accepts.
 
     torch.export assumes a symbolic size that was not 1 when traced is never 1 (a 1 would
@@ -114,8 +116,7 @@ def max_difference(model: torch.nn.Module, path: str | os.PathLike, fmt: str, sh
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         run = lambda x: torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])  # noqa: E731
     else:
-        program = torch.export.load(str(path)).module()
-        run = program
+        run = torch.export.load(str(path)).module()
     worst = 0.0
     for b, h, w in shapes:
         x = _example_input(model, b, h, w)
@@ -126,7 +127,7 @@ def max_difference(model: torch.nn.Module, path: str | os.PathLike, fmt: str, sh
     return worst
 
 
-def _steps(cfg) -> str:
+def _steps(cfg: PreprocessConfig) -> str:
     n = cfg.image_size
     if cfg.crop_pct is None:
         resize = f"resize to {n}x{n} ({cfg.resample})"
@@ -137,8 +138,6 @@ def _steps(cfg) -> str:
 
 def write_preprocessing(model: torch.nn.Module, path: Path, source: str | None) -> Path:
     """``<file>.json`` beside the export: input layout, preprocessing, output and class names."""
-    from .transforms import PreprocessConfig, read_preprocessor_config
-
     config = model.config
     preprocess = None
     if source is not None and is_checkpoint_source(source):
@@ -184,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
         model.config.feature_sizes(size, size)
     except ConfigError as exc:
         raise ConfigError(f"--image-size {size}: {exc}") from None
+    if args.dynamic and size < min_dynamic_side(model.config):
+        raise ConfigError(f"--image-size {size}: a dynamic export needs a side of at least {min_dynamic_side(model.config)}")
     if args.optimized:
         from .optimize import optimize_for_inference
 

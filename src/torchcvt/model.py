@@ -53,9 +53,9 @@ class DropPath(nn.Module):
 def use_onednn(x: torch.Tensor) -> bool:
     """Whether to run a linear on oneDNN: fp32 CPU tensors in eager mode.
 
-    PyTorch sends fp32 CPU matrix products to MKL, which on some CPUs (AMD's among them) runs a
-    generic code path; oneDNN's GEMM is about twice as fast there at the same fp32 precision, and as
-    fast elsewhere (docs/performance.md). Export, compilation, autocast and dispatch modes (FLOP
+    PyTorch sends fp32 CPU matrix products to MKL, which on AMD CPUs runs a generic code path;
+    oneDNN's GEMM, also part of PyTorch, is about twice as fast there at the same fp32 precision
+    (measured on Zen 5, docs/performance.md; on Intel CPUs the two are expected to be close). Export, compilation, autocast and dispatch modes (FLOP
     counters, fake tensors) get plain ``F.linear``, which they understand.
     """
     return (

@@ -35,8 +35,6 @@ _QUICK_GELU_ALPHA = 1.702
 _ONEDNN_ACTIVATIONS = {"gelu": ("gelu", "none"), "silu": ("swish", "")}
 
 
-
-
 class FusedLinear(nn.Module):
     """A frozen linear with an optional fused activation (``"gelu"``, ``"silu"``) and residual add."""
 
@@ -78,7 +76,7 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.T
 
 
 class FusedAttention(nn.Module):
-    """Convolutional projection attention with BN, scale and the k/v branches fused.
+    """Convolutional projection attention: BatchNorm and scale folded, shared-input projections merged.
 
     Input: the norm1 tokens ``[B, T, C]`` and the residual stream ``[B, T, C]``; returns
     ``residual + attention(tokens)``.
