@@ -25,10 +25,10 @@ demo: setup
 	@echo "learning curves: $(RUN)/learning_curves.png   confusion matrix: $(RUN)/confusion_matrix.png"
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-slow: setup  # exit status 5 means no test is marked slow: nothing to run is not a failure
-	$(BIN)/python -m pytest -q -m slow || test $$? -eq 5
+	$(BIN)/python -m pytest -q -n 2 -m slow || test $$? -eq 5
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

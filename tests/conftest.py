@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# One thread per test process: two OpenMP threads stall each other on a shared 2-core machine, and
+# `make test` runs two pytest workers (-n 2) instead.
+torch.set_num_threads(1)
 
 # transformers' CvtConfig kwargs for each reference layout. transformers cannot build depth[i] <= i
 # (its drop-path list is indexed by stage), hence depth (1, 2, 3) for the tiny one.
