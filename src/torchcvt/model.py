@@ -317,7 +317,7 @@ class Stage(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if c.cls_token[i] else None
         self.pos_drop = nn.Dropout(c.drop_rate[i])
         # Stochastic depth rises linearly from 0 to the stage's rate (per stage, as the official code).
-        rates = torch.linspace(0, c.drop_path_rate[i], c.depth[i]).tolist()
+        rates = torch.linspace(0, c.drop_path_rate[i], c.depth[i], device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
             Block(
                 dim, c.num_heads[i], mlp_ratio=c.mlp_ratio[i], act=c.hidden_act, eps=c.layer_norm_eps,
