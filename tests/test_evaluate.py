@@ -17,15 +17,6 @@ from torchcvt.datasets import build_datasets
 from torchcvt.evaluate import evaluate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for these small models (a second one made them slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sklearn_metrics(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict:
     labels = list(range(num_classes))
     probs = logits.double().softmax(-1).numpy()

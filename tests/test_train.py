@@ -1,14 +1,13 @@
-"""Training: the recipe's parts against hand computations and PyTorch references, then whole runs
-(``cvt train`` as a subprocess): resume after SIGKILL, 2-process torchrun, fine-tuning, bad input."""
+"""Training: the recipe's parts against hand computations and PyTorch references, then whole runs of
+``cvt train`` (as subprocesses, or through ``cli.main`` in this process when they are short): resume
+after SIGKILL, 2-process torchrun, fine-tuning a transformers checkpoint, NaN loss, bad input."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,14 +41,12 @@ def read_metrics(run: Path) -> list[dict]:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread in this process, restored afterwards (in-process runs also set it). These
-    models are small; on a busy 2-core machine a second OpenMP thread made them many times slower."""
+def torch_state():
+    """In-process runs set torch's thread count (``--threads``) and seed its global RNG: restore both."""
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    torch.set_rng_state(rng)  # in-process runs seed the global RNG
+    torch.set_rng_state(rng)
 
 
 # ------------------------------------------------------------------------------------ the parts
@@ -113,11 +110,11 @@ def test_ema_by_hand():
     assert ema.module[1].num_batches_tracked == 7 and not ema.module[0].weight.requires_grad
 
 
-def _cross_rank_bn_worker(rank: int, port: int, x: torch.Tensor, grad_out: torch.Tensor, queue) -> None:
+def _cross_rank_bn_worker(rank: int, store: str, x: torch.Tensor, grad_out: torch.Tensor, queue) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A file rendezvous: no TCP port to pick, so no race with other tests' processes.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     bn = CrossRankBatchNorm2d(4)
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
@@ -130,24 +127,24 @@ def _cross_rank_bn_worker(rank: int, port: int, x: torch.Tensor, grad_out: torch
     dist.destroy_process_group()
 
 
-def test_cross_rank_batchnorm_equals_batchnorm_on_the_global_batch():
+def test_cross_rank_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path):
     """2 gloo processes with half a batch each vs nn.BatchNorm2d on the whole batch: outputs, input
     gradients, summed weight gradients and running statistics agree."""
     ctx = torch.multiprocessing.get_context("spawn")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, 5, 5, generator=g) * 3 + 1
     grad_out = torch.randn(6, 4, 5, 5, generator=g)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_cross_rank_bn_worker, args=(r, port, x, grad_out, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_cross_rank_bn_worker, args=(r, str(tmp_path / "store"), x, grad_out, queue))
+             for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((item[0], item[1:]) for item in (queue.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    try:
+        results = dict((item[0], item[1:]) for item in (queue.get(timeout=300) for _ in procs))
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
 
     ref = torch.nn.BatchNorm2d(4)
     with torch.no_grad():
@@ -312,6 +309,19 @@ def test_finetune_transformers_checkpoint_with_a_new_head(reference, tmp_path, c
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
     assert hf.config.id2label == {0: "cat", 1: "dog", 2: "fox"}
+
+
+def test_bf16_ema_accumulation_and_clipping_run_and_the_saved_model_is_the_ema(tmp_path, capsys):
+    from torchcvt.checkpoint import to_torchcvt_state_dict
+
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--amp", "bf16", "--ema-decay", "0.9", "--accum-steps", "2", "--clip-grad", "1.0",
+                   "--epochs", "1", "--max-steps", "3", "--output", str(out)])
+    assert rc == 0 and "1 process(es) x 32 x 2 accumulation" in capsys.readouterr().out
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    saved, _ = to_torchcvt_state_dict(load_file(out / "model.safetensors"))
+    assert ckpt["step"] == 3 and all(torch.equal(saved[k], ckpt["ema"][k]) for k in saved)
+    assert not torch.equal(saved["head.weight"], ckpt["model"]["head.weight"])  # the EMA, not the last weights
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

@@ -247,7 +247,7 @@ class Report:
         mm, dnnl = self.matmul.get("torch.mm"), self.matmul.get("oneDNN")
         rates = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in self.matmul.items())
         lines = [
-            f"{self.name} at {self.image_size}x{self.image_size}, fp32, {self.threads} threads, torch {torch.__version__}, "
+            f"{self.name} at {self.image_size}x{self.image_size}, fp32, threads: {self.threads}, torch {torch.__version__}, "
             f"CPU: {cpu_name()} ({os.cpu_count()} logical cores), load average at start/end: {self.load[0]} / {self.load[1]}",
             f"fp32 matmul rate ({self.matmul_size}^3, alternated): {rates}",
             "max |logits - transformers|: " + ", ".join(f"{k} {v:.1e}" for k, v in self.diffs.items()),
