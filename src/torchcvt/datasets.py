@@ -338,7 +338,7 @@ def _drop_bad_images(samples: list[Sample], skip: bool) -> tuple[list[Sample], l
     if bad and not skip:
         raise ImageError(
             f"{bad[0]}: unreadable image ({_image_problem(bad[0])}); {len(bad)} unreadable file(s) in "
-            "total: fix or remove them, or skip them (skip_bad_images=True)"
+            "total: fix or remove them, or skip them (`cvt train --skip-bad-images`, or skip_bad_images=True)"
         )
     bad_set = set(bad)
     return [s for s in samples if s[0] not in bad_set], bad
