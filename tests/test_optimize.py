@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import torchcvt
 from torchcvt import CvT, CvTConfig
-from torchcvt.model import Linear, use_onednn
+from torchcvt.onednn import Linear, use_onednn
 from torchcvt.optimize import FusedBlock, optimize_for_inference
 
 from conftest import randomize_norms
@@ -106,7 +106,7 @@ def test_training_step_gradients_match_plain_linear(monkeypatch):
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     ours = gradients()
-    monkeypatch.setattr(torchcvt.model, "use_onednn", lambda t: False)
+    monkeypatch.setattr(torchcvt.onednn, "use_onednn", lambda t: False)
     reference = gradients()
     for name, grad in reference.items():
         assert (ours[name] - grad).abs().max() < 1e-5 * max(1.0, grad.abs().max().item()), name

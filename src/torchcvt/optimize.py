@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Attention, Block, CvT, Mlp, use_onednn
+from .model import Attention, Block, CvT, Mlp
+from .onednn import use_onednn
 
 # x * sigmoid(1.702 x) = silu(1.702 x) / 1.702: fc1 is scaled up and fc2 down by this factor.
 _QUICK_GELU_ALPHA = 1.702
