@@ -37,6 +37,9 @@ def test_cli_errors_are_one_line(capsys):
     assert main(["summary", "cvt-99"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model 'cvt-99'") and err.count("\n") == 1
+    assert main(["summary", "cvt-13", "--image-size", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: an input of 2x2 is too small") and err.count("\n") == 1
 
 
 def test_python_m_entry_point():

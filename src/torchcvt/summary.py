@@ -58,6 +58,7 @@ def summary(model: torch.nn.Module, image_size: int | tuple[int, int] | None = N
     config = model.config
     size = image_size or config.image_size
     h, w = (size, size) if isinstance(size, int) else size
+    grids = config.feature_sizes(h, w)  # a one-line ConfigError for an input too small for the layout
     param = next(model.parameters())
     x = torch.zeros(1, config.num_channels, h, w, device=param.device, dtype=param.dtype)
     was_training = model.training
@@ -75,7 +76,7 @@ def summary(model: torch.nn.Module, image_size: int | tuple[int, int] | None = N
         return int(sum(counts.get(path, {}).values())) // 2
 
     rows = []
-    for i, grid in enumerate(config.feature_sizes(h, w)):
+    for i, grid in enumerate(grids):
         params = sum(p.numel() for p in model.stages[i].parameters())
         tokens = grid[0] * grid[1] + int(config.cls_token[i])
         rows.append(StageSummary(f"stage{i}", grid, config.embed_dim[i], tokens, params, macs_of(f"{root}.stages.{i}")))
