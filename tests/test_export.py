@@ -15,7 +15,7 @@ import torch
 import torchcvt
 from torchcvt.cli import main
 from torchcvt.export import export_onnx, export_program, min_dynamic_side
-from torchcvt.optimize import optimize_for_inference
+from torchcvt.fastpath import OneDNNLinear, optimize_for_inference
 from torchcvt.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 TOL = 1e-4
@@ -42,6 +42,7 @@ def check_onnx(hf_model, path, shapes):
 def test_onnx_dynamic_tiny(reference, tmp_path, optimized):
     hf_model, directory = reference("tiny")
     model = torchcvt.create_model(weights=str(directory))
+    assert isinstance(model.stages[0].blocks[0].mlp.fc1, OneDNNLinear)  # the fast path falls back to ATen ops while exporting
     if optimized:  # folded BatchNorm and fused linears export too (plain ATen ops while exporting)
         model = optimize_for_inference(model)
     path = export_onnx(model, tmp_path / "tiny.onnx", image_size=64)
@@ -51,6 +52,7 @@ def test_onnx_dynamic_tiny(reference, tmp_path, optimized):
 def test_pt2_dynamic_tiny(reference, tmp_path):
     hf_model, directory = reference("tiny")
     model = torchcvt.create_model(weights=str(directory))
+    assert isinstance(model.stages[0].blocks[0].mlp.fc1, OneDNNLinear)
     path = export_program(model, tmp_path / "tiny.pt2", image_size=64)
     program = torch.export.load(str(path)).module()
     for shape in [(1, 3, 64, 64), (4, 3, 96, 80)]:

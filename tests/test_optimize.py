@@ -1,5 +1,6 @@
-"""optimize_for_inference and the oneDNN linear against references: transformers' CvT, the official
-attention transcribed with einsum (test_model.official_attention), and hand formulas."""
+"""The fast path (fastpath.py) against references: transformers' CvT, the plain model (``nn.Linear``,
+``Mlp``: PyTorch's own autograd), the official attention transcribed with einsum
+(test_model.official_attention), and hand formulas."""
 
 from __future__ import annotations
 
@@ -9,13 +10,63 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import torchcvt
-from torchcvt import CvT, CvTConfig
-from torchcvt.onednn import Linear, use_onednn
-from torchcvt.optimize import FusedBlock, optimize_for_inference
+from torchcvt import CvT, CvTConfig, apply_fast_path, remove_fast_path
+from torchcvt import fastpath
+from torchcvt.fastpath import FusedBlock, OneDNNLinear, OneDNNMlp, onednn_available, optimize_for_inference, use_onednn
+from torchcvt.model import Mlp
 
 from conftest import randomize_norms
 from test_model import official_attention
 from test_parity import SHAPES, compare
+
+
+def fast_types(model: torch.nn.Module) -> set[type]:
+    return {type(m) for m in model.modules()} & {torch.nn.Linear, OneDNNLinear, Mlp, OneDNNMlp}
+
+
+def test_probe_finds_the_op_here():
+    """Where PyTorch has oneDNN (x86 and ARM builds), the probe must find its linear op working:
+    a probe that failed silently would make every model plain and slow."""
+    assert onednn_available() == torch.backends.mkldnn.is_available()
+
+
+@pytest.mark.parametrize("name", ["tiny", "cvt-13"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_fast_path_on_and_off_match_transformers(reference, name, fast):
+    hf_model, directory = reference(name)
+    model = torchcvt.create_model(weights=str(directory)).eval()
+    assert fast_types(model) == {OneDNNLinear, OneDNNMlp}  # create_model / load_model return fast models
+    if not fast:
+        remove_fast_path(model)
+        assert fast_types(model) == {torch.nn.Linear, Mlp}
+    for i, shape in enumerate(SHAPES if name == "tiny" else SHAPES[1:3]):
+        compare(hf_model, model, shape, seed=i)  # logits, every stage's features, forward_head
+
+
+def test_apply_and_remove_keep_the_state_dict():
+    model = CvT(config=tiny())
+    assert fast_types(model) == {torch.nn.Linear, Mlp}  # CvT(...) is the plain reference model
+    before = model.state_dict()
+    params = list(model.parameters())
+    assert apply_fast_path(model) is model and fast_types(model) == {OneDNNLinear, OneDNNMlp}
+    apply_fast_path(model)  # idempotent
+    assert fast_types(model) == {OneDNNLinear, OneDNNMlp}
+    for m in (model, remove_fast_path(model)):
+        after = m.state_dict()
+        assert list(after) == list(before)
+        assert all(after[k].data_ptr() == before[k].data_ptr() and torch.equal(after[k], before[k]) for k in before)
+        assert all(a is b for a, b in zip(m.parameters(), params))  # an optimizer's references stay valid
+    assert fast_types(model) == {torch.nn.Linear, Mlp}
+
+
+def test_hooked_and_subclassed_linears_are_left_alone():
+    class LoRALinear(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), LoRALinear(4, 4), torch.nn.Linear(4, 4))
+    model[2].register_forward_hook(lambda *args: None)
+    apply_fast_path(model)
+    assert [type(m) for m in model] == [OneDNNLinear, LoRALinear, torch.nn.Linear]
 
 
 @pytest.mark.parametrize("name", ["tiny", "cvt-13"])
@@ -79,7 +130,7 @@ def test_optimized_model_api_and_errors():
 def test_onednn_linear_gradients_match_f_linear():
     """The oneDNN autograd path gives F.linear's output and gradients (reference: PyTorch's autograd)."""
     torch.manual_seed(3)
-    layer = Linear(24, 40)
+    layer = OneDNNLinear(24, 40)
     x = torch.randn(2, 7, 24, requires_grad=True)
     upstream = torch.randn(2, 7, 40)
     assert use_onednn(x) == torch.backends.mkldnn.is_available()
@@ -93,8 +144,26 @@ def test_onednn_linear_gradients_match_f_linear():
         assert (ours - theirs).abs().max() < 1e-5
 
 
-def test_training_step_gradients_match_plain_linear(monkeypatch):
-    """A whole CvT's gradients with the oneDNN linears equal those with F.linear everywhere."""
+def test_fused_mlp_gradients_match_plain_mlp():
+    """The fused MLP (activation recomputed in backward) gives the plain Mlp's output and gradients."""
+    torch.manual_seed(5)
+    mlp = Mlp(24, 96, "quick_gelu", drop=0.0)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    upstream = torch.randn(2, 7, 24)
+    params = (x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    ref = mlp(x)
+    expected = torch.autograd.grad(ref, params, upstream)
+    out = apply_fast_path(mlp)(x)
+    if torch.backends.mkldnn.is_available():
+        assert "OneDNNMlp" in type(out.grad_fn.next_functions[0][0]).__name__  # view <- the fused Function
+    assert (out - ref).abs().max() < 1e-5
+    for ours, theirs in zip(torch.autograd.grad(out, params, upstream), expected):
+        assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_training_step_gradients_match_plain_model(monkeypatch):
+    """A whole CvT's gradients with the fast path on (and on, with the op reported missing) equal
+    those of the plain model (nn.Linear and Mlp: PyTorch's own autograd)."""
     torch.manual_seed(4)
     model = CvT(config=tiny(drop_path_rate=(0.0, 0.0, 0.0))).train()
     randomize_norms(model)
@@ -105,16 +174,59 @@ def test_training_step_gradients_match_plain_linear(monkeypatch):
         F.cross_entropy(model(x), y).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    ours = gradients()
-    monkeypatch.setattr(torchcvt.onednn, "use_onednn", lambda t: False)
     reference = gradients()
-    for name, grad in reference.items():
-        assert (ours[name] - grad).abs().max() < 1e-5 * max(1.0, grad.abs().max().item()), name
+    apply_fast_path(model)
+    fast = gradients()
+    monkeypatch.setattr(fastpath, "onednn_available", lambda: False)  # a torch without the op: F.linear fallback
+    fallback = gradients()
+    for grads in (fast, fallback):
+        assert grads.keys() == reference.keys()
+        for name, grad in reference.items():
+            assert (grads[name] - grad).abs().max() < 1e-5 * max(1.0, grad.abs().max().item()), name
+
+
+def test_fallback_without_the_op_gives_the_same_numbers(monkeypatch):
+    """With the probe reporting the op missing, a fast model runs plain ATen ops, same logits."""
+    torch.manual_seed(6)
+    model = apply_fast_path(CvT(config=tiny(hidden_act="gelu")).eval())
+    randomize_norms(model)
+    optimized = optimize_for_inference(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast, fast_optimized = model(x), optimized(x)
+    monkeypatch.setattr(fastpath, "onednn_available", lambda: False)
+    monkeypatch.setattr(fastpath, "_linear_pointwise", None)  # would raise if anything still called the op
+    monkeypatch.setattr(fastpath, "_linear_add", None)
+    with torch.no_grad():
+        assert (model(x) - fast).abs().max() < 1e-5
+        assert (optimized(x) - fast_optimized).abs().max() < 1e-5
+        assert (remove_fast_path(model)(x) - fast).abs().max() < 1e-5
+
+
+def test_probe_says_no_when_the_op_fails(monkeypatch):
+    def missing(*args, **kwargs):
+        raise RuntimeError("No such operator mkldnn::_linear_pointwise")
+
+    probe = onednn_available.__wrapped__  # the uncached probe
+    monkeypatch.setattr(fastpath, "_linear_add", missing)
+    assert probe() is False
+    monkeypatch.setattr(fastpath, "_linear_add", lambda x, w, b, r: F.linear(x, w, b) - r)  # runs, wrong numbers
+    assert probe() is False
+
+
+def test_private_torch_apis_only_in_fastpath():
+    """Backend-private ops (torch.ops.mkldnn, ...) and torch._C are named in one module; ATen ops are public."""
+    import re
+    from pathlib import Path
+
+    private = re.compile(r"torch\.ops\.(?!aten\.)|torch\._C\b")
+    sources = Path(torchcvt.__file__).parent.glob("*.py")
+    assert sorted(p.name for p in sources if private.search(p.read_text())) == ["fastpath.py"]
 
 
 def test_flop_counter_sees_plain_linears():
     """Under a dispatch mode (FLOP counting, fake tensors) the linear is plain aten: 2*N*in*out FLOPs."""
-    layer = Linear(24, 40).eval()
+    layer = OneDNNLinear(24, 40).eval()
     x = torch.randn(6, 24)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
@@ -147,10 +259,10 @@ def test_run_benchmark_small_layout():
     assert report.threads == 1
     assert all(v < 1e-4 for v in report.diffs.values())  # checked against transformers before timing
     assert [(r.case, r.batch, r.model) for r in report.rows] == [
-        ("inference", b, m) for b in (1, 2) for m in ("transformers", "torchcvt", "torchcvt optimized")
-    ] + [("train step", 2, "transformers"), ("train step", 2, "torchcvt")]
+        ("inference", b, m) for b in (1, 2) for m in ("transformers", "torchcvt plain", "torchcvt", "torchcvt optimized")
+    ] + [("train step", 2, m) for m in ("transformers", "torchcvt plain", "torchcvt")]
     flops = 2 * torchcvt.summary(CvT(config=config), 64).macs * 2 / 1e9
-    assert report.rows[3].gflop == pytest.approx(flops)  # batch 2 inference: 2 x MACs x batch
+    assert report.rows[4].gflop == pytest.approx(flops)  # batch 2 inference: 2 x MACs x batch
     assert report.rows[-1].gflop == pytest.approx(3 * flops)  # a training step: 3x the forward
     table = report.table()
     assert "torch.mm" in table and "| train step" in table and "threads: 1" in table

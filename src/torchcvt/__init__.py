@@ -8,9 +8,10 @@ from .model import CvT, create_model  # noqa: E402
 from .checkpoint import load_model, read_checkpoint, save_pretrained  # noqa: E402
 from .summary import summary  # noqa: E402
 from .inference import Classifier  # noqa: E402
-from .optimize import optimize_for_inference  # noqa: E402
+from .fastpath import apply_fast_path, optimize_for_inference, remove_fast_path  # noqa: E402
 
 __all__ = [
     "CvT", "CvTConfig", "Classifier", "optimize_for_inference", "create_model", "list_models", "preset_config", "load_model", "read_checkpoint",
     "save_pretrained", "summary", "TorchCvTError", "ConfigError", "CheckpointError", "ImageError", "DataError",
+    "apply_fast_path", "remove_fast_path",
 ]

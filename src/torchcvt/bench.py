@@ -12,7 +12,10 @@ Method (also in docs/performance.md):
 * Throughput: GFLOP/s = 2 x MACs (``torchcvt.summary``: matrix products, convolutions, attention)
   x batch / time; a training step counts 3x the forward FLOPs. "% mm" and "% oneDNN" relate it
   to the fp32 GEMM rates measured here on 2048^3 products: ``torch.mm`` (MKL, what ``nn.Linear``
-  uses by default) and oneDNN (what torchcvt's linears use on CPU).
+  uses by default) and oneDNN (what torchcvt's linears use on CPU with the fast path).
+* Models: "torchcvt" is the model ``create_model`` returns (the fast path applied, fastpath.py),
+  "torchcvt plain" the reference model without it (``CvT(...)``: ``nn.Linear`` on MKL), so the
+  fast path's own gain shows; "torchcvt optimized" is ``optimize_for_inference``.
 * Peak memory: each (model, case) runs in a fresh subprocess with glibc's dynamic mmap threshold
   off (``MALLOC_MMAP_THRESHOLD_``), so freed tensors go back to the OS and the resident set follows
   the live tensors; after one warm-up call the kernel's high-water mark is reset
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 
 from .config import CvTConfig, preset_config
 from .errors import ConfigError, TorchCvTError
+from .fastpath import apply_fast_path, onednn_available, onednn_linear, optimize_for_inference, remove_fast_path
 
 TOLERANCE = 1e-4
 
@@ -74,8 +78,8 @@ def matmul_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     """fp32 GEMM rate in GFLOP/s of ``torch.mm`` (MKL on x86) and of oneDNN, timed alternately."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     candidates: dict[str, Callable[[], object]] = {"torch.mm": lambda: torch.mm(a, b)}
-    if torch.backends.mkldnn.is_available():
-        candidates["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    if onednn_available():
+        candidates["oneDNN"] = lambda: onednn_linear(a, b)  # a @ b^T: the same FLOPs
     with torch.inference_mode():
         times = time_alternating(candidates, repeats=repeats, warmup=1)
     return {k: 2 * n**3 / statistics.median(v) / 1e9 for k, v in times.items()}
@@ -93,7 +97,7 @@ def cpu_name() -> str:
 
 # ----------------------------------------------------------------------------- the two models
 def reference_pair(name: str | CvTConfig, directory: str | os.PathLike, seed: int = 0):
-    """``(transformers model, torchcvt model)`` with the same random weights, both in eval mode.
+    """``(transformers model, plain torchcvt model)`` with the same random weights, both in eval mode.
 
     The torchcvt model is written to ``directory`` (transformers' layout) and read back by
     transformers. BatchNorm statistics are random so folding them is exercised.
@@ -161,7 +165,9 @@ def _rss_kib(field_name: str) -> int:
 
 
 def _memory_child(kind: str, case: str, directory: str, batch: int, image_size: int, threads: int) -> float:
-    """Run in a fresh process: MiB the case needs at its peak beyond what is resident before it."""
+    """Run in a fresh process: MiB the case needs at its peak beyond what is resident before it.
+
+    ``kind``: "transformers", "torchcvt" (fast path), "plain" (without it) or "optimized"."""
     from .model import CvT
 
     torch.set_num_threads(threads)
@@ -174,9 +180,8 @@ def _memory_child(kind: str, case: str, directory: str, batch: int, image_size: 
         model = CvtForImageClassification.from_pretrained(directory).eval()
     else:
         model = CvT.from_pretrained(directory).eval()
+        model = remove_fast_path(model) if kind == "plain" else apply_fast_path(model)
         if kind == "optimized":
-            from .optimize import optimize_for_inference
-
             model = optimize_for_inference(model)
     x = torch.randn(batch, 3, image_size, image_size)
     if case == "train":
@@ -275,6 +280,9 @@ def _load_average() -> str:
         return "?"
 
 
+_MEMORY_KINDS = {"transformers": "transformers", "torchcvt plain": "plain", "torchcvt": "torchcvt", "torchcvt optimized": "optimized"}
+
+
 def run_benchmark(
     name: str | CvTConfig = "cvt-13",
     *,
@@ -286,23 +294,24 @@ def run_benchmark(
     matmul_size: int = 2048,
     log: Callable[[str], None] = lambda s: None,
 ) -> Report:
-    """Time transformers, torchcvt (eval) and ``optimize_for_inference`` on the same weights.
+    """Time transformers, torchcvt (eval, plain and with the fast path) and ``optimize_for_inference`` on the same weights.
 
     ``name``: a preset or a CvTConfig that transformers can build. The memory subprocesses read the
     weights from a temporary directory, so they work for any layout.
     """
     from .checkpoint import describe
-    from .optimize import optimize_for_inference
     from .summary import summary
 
     if threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="cvt-bench-") as directory:
-        theirs, ours = reference_pair(name, directory)
+        theirs, plain = reference_pair(name, directory)
+        ours = apply_fast_path(copy.deepcopy(plain))
         size = ours.config.image_size
-        optimized = optimize_for_inference(ours)
-        models: dict[str, torch.nn.Module] = {"transformers": theirs, "torchcvt": ours, "torchcvt optimized": optimized}
+        models: dict[str, torch.nn.Module] = {
+            "transformers": theirs, "torchcvt plain": plain, "torchcvt": ours, "torchcvt optimized": optimize_for_inference(ours),
+        }
         gflop_per_image = 2 * summary(ours, size).macs / 1e9
 
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -325,7 +334,7 @@ def run_benchmark(
                 row = Row("inference", batch, k, times[k], gflop_per_image * batch,
                           None if k == "transformers" else median_ratio(times["transformers"], times[k]))
                 if memory and batch == 8:
-                    row.peak_mib = peak_memory_mib(k.replace("torchcvt optimized", "optimized"), "infer", directory, batch, size, threads)
+                    row.peak_mib = peak_memory_mib(_MEMORY_KINDS[k], "infer", directory, batch, size, threads)
                 report.rows.append(row)
                 log(f"inference batch {batch} {k}: {statistics.median(times[k]) * 1e3:.1f} ms")
 
@@ -333,13 +342,13 @@ def run_benchmark(
             x = torch.randn(train_batch, 3, size, size)
             y = torch.randint(0, ours.num_classes, (train_batch,))
             # Copies: the optimizer steps change the weights.
-            steps = {"transformers": make_train_step(copy.deepcopy(theirs), x, y), "torchcvt": make_train_step(copy.deepcopy(ours), x, y)}
+            steps = {k: make_train_step(copy.deepcopy(models[k]), x, y) for k in ("transformers", "torchcvt plain", "torchcvt")}
             times = time_alternating(steps, repeats=max(3, repeats // 2), warmup=1)
             for k in steps:
                 row = Row("train step", train_batch, k, times[k], 3 * gflop_per_image * train_batch,
                           None if k == "transformers" else median_ratio(times["transformers"], times[k]))
                 if memory:
-                    row.peak_mib = peak_memory_mib(k, "train", directory, train_batch, size, threads)
+                    row.peak_mib = peak_memory_mib(_MEMORY_KINDS[k], "train", directory, train_batch, size, threads)
                 report.rows.append(row)
                 log(f"train step batch {train_batch} {k}: {statistics.median(times[k]) * 1e3:.1f} ms")
     report.load[1] = _load_average()

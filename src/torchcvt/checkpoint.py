@@ -415,6 +415,7 @@ def load_model(
     new, randomly initialised one (fine-tuning), and a log message says so.
     ``overrides``: config fields to change, e.g. ``hidden_act="gelu"``.
     """
+    from .fastpath import apply_fast_path
     from .model import CvT
 
     ckpt = read_checkpoint(source)
@@ -455,7 +456,7 @@ def load_model(
             "loaded %s without its head: new %d-class head, randomly initialised (the checkpoint has %d classes)",
             ckpt.path, target.num_classes, ckpt_classes,
         )
-    return model
+    return apply_fast_path(model)
 
 
 def describe(config: CvTConfig) -> str:

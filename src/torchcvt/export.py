@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dynamic and size < min_dynamic_side(model.config):
         raise ConfigError(f"--image-size {size}: a dynamic export needs a side of at least {min_dynamic_side(model.config)}")
     if args.optimized:
-        from .optimize import optimize_for_inference
+        from .fastpath import optimize_for_inference
 
         model = optimize_for_inference(model)
     output = Path(args.output)

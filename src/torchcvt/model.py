@@ -5,6 +5,10 @@ the stage, the model. Where the official code has bugs we fix them without chang
 it computes on valid input: batch size 1 keeps its batch dimension (the official code squeezes it
 away) and the ``linear`` projection works (the official code never defines q/k/v for it).
 
+This is the plain reference model, built from ``nn.Linear`` and a plain ``Mlp``. ``create_model``
+and ``load_model`` return it with the CPU fast path applied (``fastpath.apply_fast_path``: the
+same parameters and numbers, the linears on oneDNN's GEMM); a ``CvT(...)`` built directly is plain.
+
 Shape legend: B batch, C channels, H x W the token grid of the stage, T = H*W (+1 with a cls token).
 """
 
@@ -18,7 +22,6 @@ from torch import nn
 
 from .config import CvTConfig, preset_config
 from .errors import ConfigError
-from .onednn import Linear, fused_mlp
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -52,17 +55,16 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 -> activation -> dropout -> fc2 -> dropout."""
+
     def __init__(self, dim: int, hidden_dim: int, act: str, drop: float) -> None:
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = make_activation(act)
-        self.fc2 = Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = fused_mlp(self, x)  # oneDNN fast path where it applies (see onednn.py); same numbers
-        if out is not None:
-            return out
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -115,10 +117,10 @@ class Attention(nn.Module):
         self.conv_proj_q = ConvProjection(dim, "linear" if method == "avg" else method, kernel_size, stride_q, padding_q)
         self.conv_proj_k = ConvProjection(dim, method, kernel_size, stride_kv, padding_kv)
         self.conv_proj_v = ConvProjection(dim, method, kernel_size, stride_kv, padding_kv)
-        self.proj_q = Linear(dim, dim, bias=qkv_bias)
-        self.proj_k = Linear(dim, dim, bias=qkv_bias)
-        self.proj_v = Linear(dim, dim, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -412,6 +414,7 @@ def create_model(
     config fields, e.g. ``hidden_act="gelu"`` or ``drop_path_rate=(0, 0, 0.2)``.
     """
     from .checkpoint import is_checkpoint_source, load_model
+    from .fastpath import apply_fast_path
 
     if isinstance(name_or_config, str) and weights is None and is_checkpoint_source(name_or_config):
         name_or_config, weights = None, name_or_config
@@ -423,7 +426,7 @@ def create_model(
     config = _resolve_config(name_or_config, overrides)
     if num_classes is not None:
         config = config.replace(num_classes=num_classes)
-    return CvT(config=config)
+    return apply_fast_path(CvT(config=config))
 
 
 def _resolve_config(name_or_config: str | CvTConfig, overrides: dict[str, Any]) -> CvTConfig:

@@ -1,0 +1,421 @@
+"""The fast path: CvT on oneDNN's GEMM on the CPU, as one layer on top of the plain model.
+
+``model.py`` is the reference model (``nn.Linear``, a plain ``Mlp``); this module makes it fast,
+can be taken off again, and is the only module of torchcvt that names private torch APIs
+(``torch.ops.mkldnn._linear_pointwise``, ``torch._C._len_torch_dispatch_stack``).
+
+* ``apply_fast_path(model)`` swaps, in place, every plain ``nn.Linear`` for ``OneDNNLinear`` and
+  every ``Mlp`` for ``OneDNNMlp``: same parameters, same state dict, same numbers (fp32 rounding
+  aside), training included. ``remove_fast_path(model)`` swaps them back. ``create_model`` and
+  ``load_model`` return fast models; a ``CvT(...)`` built directly is the plain model.
+* ``optimize_for_inference(model)``: an eval-only copy with BatchNorm and the attention scale
+  folded, shared-input projections merged and activations and residual adds fused into the GEMMs.
+
+Why: PyTorch sends fp32 CPU matrix products to MKL; on some CPUs (AMD's among them) oneDNN's
+GEMM, also inside PyTorch, is about twice as fast at the same fp32 precision (docs/performance.md).
+The private op is probed once, at first use; where a torch version lacks it (or it computes
+something else), and under compile, export, autocast and dispatch modes (FLOP counters, fake
+tensors), every layer here runs plain ``F.linear``, which all of those understand.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import Attention, Block, CvT, Mlp
+
+# ------------------------------------------------------------ private torch APIs (only here)
+# activation -> oneDNN post-op name and algorithm ("none": GELU with erf, exact like F.gelu).
+_POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "silu": ("swish", "")}
+_DISPATCH_STACK_LENGTH = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
+def _linear_pointwise(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:
+    """``activation(F.linear(x2d, weight, bias))`` in one oneDNN call (2-D input)."""
+    attr, algorithm = _POST_OPS[activation]
+    return torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, attr, [], algorithm)
+
+
+def _linear_add(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual2d: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x2d, weight, bias) + residual2d`` in one oneDNN call."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x2d, residual2d, weight, bias, "add")
+
+
+def _dispatch_mode_active() -> bool:
+    """A Python dispatch mode (FLOP counter, fake tensors) is on, or this torch cannot tell."""
+    return _DISPATCH_STACK_LENGTH is None or _DISPATCH_STACK_LENGTH() > 0
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this torch has the oneDNN ops used here and they compute what ``F.linear`` does.
+
+    Probed once, on tiny fixed inputs (no random numbers drawn), the first time a layer asks in
+    plain eager mode; any failure means "no": the layers then run ``F.linear``.
+    """
+    if not torch.backends.mkldnn.is_available() or _DISPATCH_STACK_LENGTH is None:
+        return False
+    try:
+        with torch.no_grad():
+            x = torch.linspace(-2, 2, 12).view(3, 4)
+            w = torch.linspace(-1, 1, 20).view(5, 4)
+            b = torch.linspace(-0.5, 0.5, 5)
+            r = torch.linspace(0, 1, 15).view(3, 5)
+            ref = F.linear(x, w, b)
+            pairs = [
+                (_linear_pointwise(x, w, b), ref),
+                (_linear_pointwise(x, w, None), F.linear(x, w)),
+                (_linear_pointwise(x, w, b, "gelu"), F.gelu(ref)),
+                (_linear_pointwise(x, w, b, "silu"), F.silu(ref)),
+                (_linear_add(x, w, b, r), ref + r),
+            ]
+            return all(torch.allclose(ours, theirs, atol=1e-5) for ours, theirs in pairs)
+    except Exception:  # a missing op, a changed signature: either way, do not use it
+        return False
+
+
+def use_onednn(x: torch.Tensor) -> bool:
+    """Whether to run a linear on oneDNN: fp32 CPU tensors in plain eager mode, the op available."""
+    return (
+        not torch.compiler.is_compiling()  # first: under torch.compile the rest is not even traced
+        and not torch.compiler.is_exporting()
+        and not torch.onnx.is_in_onnx_export()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not _dispatch_mode_active()
+        and onednn_available()  # last: the probe runs in plain eager mode only
+    )
+
+
+def onednn_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x2d, weight, bias)`` on oneDNN's GEMM (2-D fp32 CPU tensors); ``F.linear`` without the op."""
+    return _linear_pointwise(x2d, weight, bias) if onednn_available() else F.linear(x2d, weight, bias)
+
+
+# ------------------------------------------------------------------------- training and eval
+def _weight_grad(grad: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+    """``grad^T @ x2d``: a linear's weight gradient ``[out, in]`` from ``grad [N, out]`` and ``x2d [N, in]``.
+
+    oneDNN copies a transposed input to make it dense, so the narrower of the two is the one transposed.
+    """
+    if grad.shape[1] > x2d.shape[1]:
+        return _linear_pointwise(x2d.t(), grad.t(), None).t()  # ([in, N] @ [N, out])^T
+    return _linear_pointwise(grad.t(), x2d.t(), None)  # [out, N] @ [N, in]
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """``F.linear`` on 2-D inputs with the forward and both backward products on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x2d, weight)
+        ctx.has_bias = bias is not None
+        return _linear_pointwise(x2d, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x2d, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _linear_pointwise(grad, weight.t(), None)  # [N, out] @ [out, in]
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(grad, x2d)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class _OneDNNMlpFunction(torch.autograd.Function):
+    """``fc2(act(fc1(x)))`` on 2-D inputs that saves ``x`` and ``fc1(x)`` only.
+
+    The activation's output, as large as ``fc1(x)``, is recomputed in backward (one elementwise
+    pass) instead of being kept: a fifth less activation memory in a CvT training step.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, w1, b1, w2, b2, act: nn.Module) -> torch.Tensor:
+        h = _linear_pointwise(x2d, w1, b1)  # [N, hidden]
+        ctx.save_for_backward(x2d, h, w1, w2)
+        ctx.act = act
+        return _linear_pointwise(act(h), w2, b2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x2d, h, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        with torch.enable_grad():
+            h = h.detach().requires_grad_()
+            a = ctx.act(h)
+        grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
+        if need_w2:
+            grad_w2 = _weight_grad(grad, a.detach())
+        if need_b2:
+            grad_b2 = grad.sum(0)
+        if need_x or need_w1 or need_b1:
+            (grad_h,) = torch.autograd.grad(a, h, _linear_pointwise(grad, w2.t(), None))  # [N, hidden]
+            if need_x:
+                grad_x = _linear_pointwise(grad_h, w1.t(), None)
+            if need_w1:
+                grad_w1 = _weight_grad(grad_h, x2d)
+            if need_b1:
+                grad_b1 = grad_h.sum(0)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def _requires_grad(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` (same parameters, same numbers) whose products run on oneDNN where it is faster."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not use_onednn(x) or self.weight.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        x2d = x.reshape(-1, x.shape[-1])  # [N, in]: oneDNN's linear takes 2-D inputs
+        if _requires_grad(x, self.weight):
+            out = _OneDNNLinearFunction.apply(x2d, self.weight, self.bias)
+        else:
+            out = _linear_pointwise(x2d, self.weight, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fusable_linear(module: nn.Module) -> bool:
+    """A linear with a bias and no hooks, plain or ours: safe to run through its parameters directly."""
+    return type(module) in (nn.Linear, OneDNNLinear) and module.bias is not None and not _has_hooks(module)
+
+
+class OneDNNMlp(Mlp):
+    """``Mlp`` (same children, same numbers) that runs fc1 -> act -> fc2 as one oneDNN unit.
+
+    It fuses where the activation is the only thing between fc1 and fc2 (no live dropout) and both
+    linears are plain and unhooked (a LoRA or hooked layer takes ``Mlp``'s module path). In
+    training the activation is recomputed in backward; in inference GELU runs inside fc1's GEMM.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1, fc2 = self.fc1, self.fc2
+        if not (
+            use_onednn(x) and _fusable_linear(fc1) and _fusable_linear(fc2) and fc1.weight.dtype == torch.float32
+            and (self.drop.p == 0.0 or not self.training)
+        ):
+            return super().forward(x)
+        x2d = x.reshape(-1, x.shape[-1])  # [N, dim]
+        if _requires_grad(x, fc1.weight, fc2.weight):
+            out = _OneDNNMlpFunction.apply(x2d, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.act)
+        elif isinstance(self.act, nn.GELU) and self.act.approximate == "none":  # GELU (erf) fused into fc1's GEMM
+            out = _linear_pointwise(_linear_pointwise(x2d, fc1.weight, fc1.bias, "gelu"), fc2.weight, fc2.bias)
+        else:
+            out = _linear_pointwise(self.act(_linear_pointwise(x2d, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        return out.view(*x.shape[:-1], fc2.out_features)
+
+
+# The swap changes a module's class only (as torch.nn.utils.parametrize does): parameters, buffers,
+# hooks, the state dict and an optimizer's references to the parameters stay exactly as they are.
+_FAST = {nn.Linear: OneDNNLinear, Mlp: OneDNNMlp}
+_PLAIN = {fast: plain for plain, fast in _FAST.items()}
+
+
+def apply_fast_path(model: nn.Module) -> nn.Module:
+    """Make ``model`` fast in place: every plain ``nn.Linear`` -> ``OneDNNLinear``, ``Mlp`` -> ``OneDNNMlp``.
+
+    Only exact classes are swapped: subclasses (LoRA, quantized or parametrized linears) and
+    linears with forward hooks are left alone. Idempotent; returns ``model``.
+    """
+    for module in model.modules():
+        if type(module) in _FAST and not (type(module) is nn.Linear and _has_hooks(module)):
+            module.__class__ = _FAST[type(module)]
+    return model
+
+
+def remove_fast_path(model: nn.Module) -> nn.Module:
+    """Undo ``apply_fast_path`` in place: the plain ``nn.Linear`` and ``Mlp`` classes again. Returns ``model``."""
+    for module in model.modules():
+        if type(module) in _PLAIN:
+            module.__class__ = _PLAIN[type(module)]
+    return model
+
+
+# ------------------------------------------------------------------------- inference fusions
+# x * sigmoid(1.702 x) = silu(1.702 x) / 1.702: fc1 is scaled up and fc2 down by this factor.
+_QUICK_GELU_ALPHA = 1.702
+
+
+class FusedLinear(nn.Module):
+    """A frozen linear with an optional fused activation (``"gelu"``, ``"silu"``) and residual add."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().contiguous().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous().clone())
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if use_onednn(x):
+            x2d = x.reshape(-1, x.shape[-1])  # [N, C_in]: oneDNN's linear takes 2-D inputs
+            if residual is not None:
+                out = _linear_add(x2d, self.weight, self.bias, residual.reshape(x2d.shape[0], -1))
+            else:
+                out = _linear_pointwise(x2d, self.weight, self.bias, self.activation)
+            return out.view(*x.shape[:-1], self.weight.shape[0])
+        out = F.linear(x, self.weight, self.bias)
+        if self.activation == "gelu":
+            out = F.gelu(out)
+        elif self.activation == "silu":
+            out = F.silu(out)
+        return out if residual is None else out + residual
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, activation={self.activation}"
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(conv(x))`` as one convolution (eval-mode BatchNorm), computed in float64."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)  # [C]
+    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    bias = bn.bias.double() - bn.running_mean.double() * scale
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+
+
+class FusedAttention(nn.Module):
+    """Convolutional projection attention: BatchNorm and scale folded, shared-input projections merged.
+
+    Input: the norm1 tokens ``[B, T, C]`` and the residual stream ``[B, T, C]``; returns
+    ``residual + attention(tokens)``.
+    """
+
+    def __init__(self, attn: Attention, method: str) -> None:
+        super().__init__()
+        C = attn.proj.in_features
+        self.num_heads = attn.num_heads
+        self.with_cls_token = attn.with_cls_token
+        self.method = method
+        scale = attn.scale
+        wq, bq = attn.proj_q.weight * scale, None if attn.proj_q.bias is None else attn.proj_q.bias * scale
+        wk, bk = attn.proj_k.weight, attn.proj_k.bias
+        wv, bv = attn.proj_v.weight, attn.proj_v.bias
+
+        def cat(*ts: torch.Tensor | None) -> torch.Tensor | None:
+            return None if ts[0] is None else torch.cat(ts)
+
+        if method == "dw_bn":
+            # k and v stay separate: a 2C-output grouped conv and a block-diagonal k/v linear both
+            # measured slower than two convolutions and two linears (docs/performance.md).
+            self.conv_q = self._folded_conv(attn.conv_proj_q.conv, attn.conv_proj_q.bn)
+            self.conv_k = self._folded_conv(attn.conv_proj_k.conv, attn.conv_proj_k.bn)
+            self.conv_v = self._folded_conv(attn.conv_proj_v.conv, attn.conv_proj_v.bn)
+            self.q, self.k, self.v = FusedLinear(wq, bq), FusedLinear(wk, bk), FusedLinear(wv, bv)
+        elif method == "avg":
+            self.pool_kv = attn.conv_proj_k.avg
+            self.q = FusedLinear(wq, bq)
+            self.kv = FusedLinear(torch.cat((wk, wv)), cat(bk, bv))  # k and v pool the same map
+        else:  # "linear": q, k and v all read the tokens themselves
+            self.qkv = FusedLinear(torch.cat((wq, wk, wv)), cat(bq, bk, bv))
+        self.proj = FusedLinear(attn.proj.weight, attn.proj.bias)
+
+    @staticmethod
+    def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, groups=conv.groups)
+        fused.weight.data, fused.bias.data = _fold_bn(conv, bn)
+        return fused.requires_grad_(False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        return x.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # [B, heads, T, C/heads]
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, T, C = x.shape
+        if self.with_cls_token:
+            cls_token, x = torch.split(x, [1, H * W], dim=1)  # [B, 1, C], [B, H*W, C]
+        if self.method == "linear":
+            tokens = torch.cat((cls_token, x), dim=1) if self.with_cls_token else x
+            q, k, v = self.qkv(tokens).split(C, dim=-1)  # [B, T, C] each
+        else:
+            fmap = x.unflatten(1, (H, W)).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last view
+            if self.method == "dw_bn":
+                # each: [B, C, h', w'] channels-last -> [B, h'*w', C] contiguous, no copy
+                q = self.conv_q(fmap).flatten(2).transpose(1, 2)
+                k = self.conv_k(fmap).flatten(2).transpose(1, 2)
+                v = self.conv_v(fmap).flatten(2).transpose(1, 2)
+                if self.with_cls_token:
+                    q, k, v = (torch.cat((cls_token, t), dim=1) for t in (q, k, v))
+                q, k, v = self.q(q), self.k(k), self.v(v)
+            else:  # avg: no convolution for q; k and v pool the same map, so one linear makes both
+                kv = self.pool_kv(fmap).flatten(2).transpose(1, 2)  # [B, h*w, C]
+                q = x
+                if self.with_cls_token:
+                    q, kv = torch.cat((cls_token, q), dim=1), torch.cat((cls_token, kv), dim=1)
+                q = self.q(q)
+                k, v = self.kv(kv).split(C, dim=-1)  # [B, Tkv, C] each, strided views
+        x = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), scale=1.0)
+        x = x.transpose(1, 2).reshape(B, -1, C)  # [B, T, C]; the CPU kernel's output is already this layout
+        return self.proj(x, residual)
+
+
+class FusedMlp(nn.Module):
+    """Inference MLP: fc1 + activation in one oneDNN call, fc2 + the residual add in another."""
+
+    def __init__(self, mlp: Mlp, act: str) -> None:
+        super().__init__()
+        if act == "quick_gelu":
+            a = _QUICK_GELU_ALPHA
+            self.fc1 = FusedLinear(mlp.fc1.weight * a, mlp.fc1.bias * a, "silu")
+            self.fc2 = FusedLinear(mlp.fc2.weight / a, mlp.fc2.bias)
+        else:
+            self.fc1 = FusedLinear(mlp.fc1.weight, mlp.fc1.bias, "gelu")
+            self.fc2 = FusedLinear(mlp.fc2.weight, mlp.fc2.bias)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x), residual)
+
+
+class FusedBlock(nn.Module):
+    """Inference-only transformer block: ``x + attn(norm1(x))``, then ``+ mlp(norm2(.))``, fused."""
+
+    def __init__(self, block: Block, method: str, act: str) -> None:
+        super().__init__()
+        self.norm1 = copy.deepcopy(block.norm1)
+        self.attn = FusedAttention(block.attn, method)
+        self.norm2 = copy.deepcopy(block.norm2)
+        self.mlp = FusedMlp(block.mlp, act)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = self.attn(self.norm1(x), x, H, W)
+        return self.mlp(self.norm2(x), x)
+
+    def train(self, mode: bool = True) -> "FusedBlock":
+        if mode:
+            raise RuntimeError("a model from optimize_for_inference is inference-only: train the original CvT")
+        return super().train(False)
+
+
+@torch.no_grad()
+def optimize_for_inference(model: CvT) -> CvT:
+    """A copy of ``model`` for fast inference: same logits within 1e-4, eval-only.
+
+    The copy keeps CvT's methods (``forward``, ``forward_features``, ``forward_intermediates``,
+    ``forward_head``); its blocks are fused (see the module docstring), the rest of it (embeddings,
+    head) gets the fast path. Its state dict is not a checkpoint: save the original model.
+    ``torch.compile`` on top measured slower (its linears leave oneDNN; docs/performance.md), so
+    it is not offered. While exporting or compiling the fused layers run portable ATen ops
+    (``F.linear``, ``F.gelu``, adds), so the copy also exports to ONNX and torch.export.
+    """
+    if not isinstance(model, CvT):
+        raise TypeError(f"optimize_for_inference expects a torchcvt CvT, got {type(model).__name__}")
+    opt = copy.deepcopy(model).eval()
+    config = model.config
+    for i, stage in enumerate(opt.stages):
+        stage.blocks = nn.ModuleList(FusedBlock(b, config.qkv_projection_method[i], config.hidden_act) for b in stage.blocks)
+    return apply_fast_path(opt).requires_grad_(False)
