@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_save
 from .errors import ConfigError
+from .fileio import atomic_save
 from .model import CvT
 from .transforms import PreprocessConfig
 
@@ -159,7 +159,7 @@ def render(
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="the image file")
-    parser.add_argument("--weights", required=True, help="hub id or short name (see `cvt models`), checkpoint folder or file")
+    parser.add_argument("--weights", required=True, help="registry name (see `cvt models`) or hub id, checkpoint folder or file")
     parser.add_argument("--output", required=True, help="the PNG to write")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity, 0..1 (default: 0.5)")
@@ -168,20 +168,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .inference import Classifier
+    from .inference import class_labels, parse_device
+    from .pretrained import load_pretrained
+    from .transforms import preprocess
 
     if not 0.0 <= args.alpha <= 1.0:
         raise ConfigError(f"--alpha must lie in 0..1, got {args.alpha}")
     if args.dpi < 10:
         raise ConfigError(f"--dpi must be >= 10, got {args.dpi}")
-    classifier = Classifier(args.weights, device=args.device)
-    _check_cls_token(classifier.model)
-    pixels = classifier.preprocess(args.image)  # [3, H, W]
-    maps, logits = cls_attention(classifier.model, pixels)
+    device = parse_device(args.device, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model, pre, _ = load_pretrained(args.weights)
+    _check_cls_token(model)
+    if model.config.num_classes == 0:
+        raise ConfigError(f"{args.weights} has no classification head (num_classes=0): no class to title the map with")
+    model = model.to(device).eval()
+    pixels = preprocess(args.image, pre)  # [3, H, W]
+    maps, logits = cls_attention(model, pixels)
     probs = logits.softmax(dim=-1)
     best = int(probs.argmax())
-    title = f"{Path(args.image).name}: {classifier.labels[best]} ({probs[best]:.1%})"
-    path = render(denormalize(pixels, classifier.preprocess_config), maps.cpu(), args.output,
-                  title=title, alpha=args.alpha, dpi=args.dpi)
+    title = f"{Path(args.image).name}: {class_labels(model)[best]} ({probs[best]:.1%})"
+    path = render(denormalize(pixels, pre), maps.cpu(), args.output, title=title, alpha=args.alpha, dpi=args.dpi)
     print(f"wrote {path}: {title}")
     return 0

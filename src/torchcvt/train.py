@@ -1,7 +1,7 @@
 """Training and fine-tuning (``cvt train``): the CvT paper's recipe in one loop, from one CPU to many GPUs.
 
     cvt train                                              # the embedded digits demo, ~25 s on 2 cores
-    cvt train --data ./pets --weights microsoft/cvt-13     # fine-tune: new head, the fine-tuning preset
+    cvt train --data ./pets --weights cvt-13               # fine-tune: new head, the fine-tuning preset
     cvt train --data ./imagenet --model cvt-13 --batch-size 2048 --amp bf16   # the paper's recipe
     torchrun --nproc_per_node 8 -m torchcvt train ...      # the same command on 8 GPUs (DDP)
 
@@ -61,14 +61,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import augment
-from .checkpoint import read_checkpoint, save_pretrained
-from .config import preset_config
+from .checkpoint import save_pretrained
 from .datasets import DataSplits, build_datasets, describe
 from .errors import CheckpointError, ConfigError, DataError, TorchCvTError
 from .evaluate import evaluate
 from .fileio import atomic_save, atomic_write_text
-from .model import CvT, create_model
+from .model import CvT
 from .plots import plot_learning_curves
+from .pretrained import create_model, preset_config, stated_image_size
 from .transforms import PreprocessConfig
 
 logger = logging.getLogger("torchcvt")
@@ -486,11 +486,10 @@ def resolve_config(**options: Any) -> TrainConfig:
 
 
 def _model_image_size(model: str | None, weights: str | None) -> int:
-    """The resolution a preset or a checkpoint was made for (transformers' files say none: 224)."""
+    """The resolution a registry name or a checkpoint was made for (none stated: 224, CvT-13's)."""
     if model is not None:
         return preset_config(model).image_size
-    config = read_checkpoint(weights).config
-    return config.image_size if config is not None else preset_config("cvt-13").image_size
+    return stated_image_size(weights) or preset_config("cvt-13").image_size
 
 
 def default_output(data: str) -> str:

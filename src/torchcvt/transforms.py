@@ -1,7 +1,7 @@
 """Evaluation preprocessing: image in, normalised ``[3, H, W]`` float32 tensor out.
 
 The pipeline reproduces transformers' ``ConvNextImageProcessor`` (the PIL backend, which is what
-``AutoImageProcessor`` gives for the microsoft/cvt-* checkpoints), so that a model gives the same
+``AutoImageProcessor`` gives for the public CvT checkpoints), so that a model gives the same
 predictions here and there:
 
 1. decode and convert to RGB as transformers' ``load_image`` does (its image-classification
