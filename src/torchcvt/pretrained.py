@@ -189,7 +189,7 @@ def _weights_source(source: str | os.PathLike) -> tuple[str | os.PathLike, Pretr
     entry = resolve(source)
     if entry is not None:
         if entry.hub_id is None:
-            raise CheckpointError(_no_weights(entry))
+            raise ConfigError(_no_weights(entry))
         return download_from_hub(entry.hub_id), entry  # never a local folder that is named like the hub id
     text = os.fspath(source)
     if "/" not in text and os.sep not in text and not os.path.exists(text):
@@ -234,9 +234,7 @@ def create_model(
     if pretrained:
         if entry is None or weights is not None:
             raise ConfigError("pretrained=True takes a registry name and no weights=, e.g. create_model('cvt-13', pretrained=True)")
-        if entry.hub_id is None:
-            raise ConfigError(_no_weights(entry))
-        weights = entry.name
+        weights = entry.name  # its public weights (a ConfigError for a layout without any)
     base = entry.config() if entry is not None else name_or_config
     if weights is not None:
         return load_model(weights, config=base, num_classes=num_classes, **overrides)
@@ -259,7 +257,9 @@ def load_model(
 ) -> CvT:
     """Build a CvT from a checkpoint, strictly: a folder, a file, a hub id or a registry name.
 
-    ``config``: the architecture to load into (checked against the tensors); default: the
+    The image size is the one the checkpoint states (see the module docstring), and
+    ``model.pretrained_cfg`` its evaluation transform (the folder's ``preprocessor_config.json``,
+    the registry's for public weights, else the official recipe for the size). ``config``: the architecture to load into (checked against the tensors); default: the
     checkpoint's own (``config.json``, an embedded config, or inferred from the tensors).
     ``num_classes``: a head size; when it differs from the checkpoint's, the head is replaced by a
     new, randomly initialised one (fine-tuning), and a log message says so.
@@ -321,13 +321,8 @@ def load_pretrained(source: str | os.PathLike) -> tuple[CvT, PreprocessConfig, s
     ``cvt predict``, ``cvt eval``, ``cvt attention`` and ``cvt export``.
     """
     entry = resolve(source)
-    if entry is not None:
-        if entry.hub_id is None:
-            raise CheckpointError(_no_weights(entry))
-        model = create_model(entry.name, pretrained=True)
-        return model, preprocess_config_of(model), entry.hub_id
-    model = load_model(source)
-    return model, preprocess_config_of(model), os.fspath(source)
+    model = create_model(entry.name, pretrained=True) if entry is not None else load_model(source)
+    return model, preprocess_config_of(model), entry.hub_id if entry is not None else os.fspath(source)
 
 
 def preprocess_config_of(model: torch.nn.Module) -> PreprocessConfig:
