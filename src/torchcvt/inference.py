@@ -35,7 +35,7 @@ from .checkpoint import WEIGHT_FILES, load_model, resolve_source
 from .config import PRESETS, preset_config
 from .errors import CheckpointError, ConfigError, DataError, ImageError, TorchCvTError
 from .model import CvT
-from .transforms import ImageSource, PreprocessConfig, preprocess, read_preprocessor_config
+from .transforms import ImageSource, PreprocessConfig, is_image_file, preprocess, read_preprocessor_config
 
 # ------------------------------------------------------------------------------------- registry
 
@@ -242,23 +242,16 @@ class Classifier:
 
 
 # ------------------------------------------------------------------------------- finding images
-def image_extensions() -> frozenset[str]:
-    """File suffixes that Pillow can open (``.jpg``, ``.png``, ``.webp``, ...), lower case."""
-    from PIL import Image
-
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
 def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Expand INPUT arguments into image files, and say what could not be read.
 
     A file named explicitly is always taken (if it is no image, reading it fails and says so).
     Folders are walked recursively in sorted order, and glob patterns (``**`` allowed) expanded;
-    from those, only files with an image suffix are taken, and hidden names (``.*``) are skipped.
+    from those, only ``transforms.is_image_file`` names are taken (a suffix Pillow reads, not hidden:
+    the rule training data follows too).
     Returns the files (duplicates removed, first occurrence kept) and one message per missing
     path, unmatched pattern or unreadable folder.
     """
-    extensions = image_extensions()
     files: list[Path] = []
     problems: list[str] = []
 
@@ -268,9 +261,7 @@ def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
 
         for folder, dirnames, filenames in os.walk(top, onerror=failed):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files.extend(
-                Path(folder, f) for f in sorted(filenames) if not f.startswith(".") and Path(f).suffix.lower() in extensions
-            )
+            files.extend(Path(folder, f) for f in sorted(filenames) if is_image_file(f))
 
     for item in inputs:
         path = Path(item)
@@ -285,7 +276,7 @@ def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
             for match in map(Path, matches):
                 if match.is_dir():
                     walk(match)
-                elif match.suffix.lower() in extensions and not match.name.startswith("."):
+                elif is_image_file(match):
                     files.append(match)
         else:
             problems.append(f"{item}: no such file or directory")
