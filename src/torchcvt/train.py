@@ -584,7 +584,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup = augment.Mixup(cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=splits.num_classes)
-        criterion: nn.Module = augment.SoftTargetCrossEntropy()
+        # Mixup's targets are probabilities (smoothing included), which CrossEntropyLoss accepts as is.
+        criterion: nn.Module = nn.CrossEntropyLoss()
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
