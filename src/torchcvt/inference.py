@@ -345,10 +345,17 @@ class ResultWriter:
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def add_models_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cvt models`` takes no options."""
+
+
+def run_models(args: argparse.Namespace) -> int:
+    sys.stdout.write(format_models())
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # cli.py registers `models` and `predict` on this module; the sub-parser's prog names the command.
-    if parser.prog.split()[-1] != "predict":
-        return
+    """The options of ``cvt predict``."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--weights", required=True, help="hub id or short name (see `cvt models`), checkpoint folder or file")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
@@ -362,13 +369,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="unreadable image or path: stop with an error (default) or skip it, name it and count it")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader worker processes decoding images (default: min(4, CPUs - 1))")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.command == "models":
-        sys.stdout.write(format_models())
-        return 0
-    return _predict(args)
 
 
 def format_models() -> str:
@@ -397,7 +397,8 @@ def _csv(values: Sequence[int]) -> str:
     return ",".join(map(str, values))
 
 
-def _predict(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``cvt predict``."""
     from tqdm import tqdm
 
     for name in ("top_k", "batch_size"):
