@@ -101,8 +101,8 @@ class TensorImageDataset(Dataset):
             )
         self.images = images
         self.labels = labels.long()
-        self.mean = tuple(mean)
-        self.std = tuple(std)
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -56,6 +56,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+Channels = Union[Sequence[float], torch.Tensor]  # one number per channel: mean or std
 
 # Our resample names and the PIL filter numbers transformers stores in preprocessor_config.json.
 RESAMPLE_FILTERS: dict[str, int] = {
@@ -271,17 +272,19 @@ def preprocess_batch(images: Iterable[ImageSource], cfg: PreprocessConfig) -> to
 
 
 # --------------------------------------------------------------------------------- pixel plumbing
-def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(pixels: torch.Tensor, mean: Channels, std: Channels) -> torch.Tensor:
     """``(pixels - mean) / std`` per channel: 0..1 pixels ``[..., C, H, W]`` -> model input.
 
     Computed in ``pixels``' dtype (float32 for images), the one definition every pipeline uses.
+    ``mean`` and ``std``: C numbers, or a tensor of them (which a per-item caller can keep, as
+    converting a tuple costs a few microseconds each call).
     """
     mean_t = torch.as_tensor(mean, dtype=pixels.dtype, device=pixels.device).view(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=pixels.dtype, device=pixels.device).view(-1, 1, 1)
     return (pixels - mean_t) / std_t
 
 
-def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def denormalize(x: torch.Tensor, mean: Channels, std: Channels) -> torch.Tensor:
     """The inverse of ``normalize``, clamped to 0..1: model input ``[..., C, H, W]`` -> the pixels it shows.
 
     ``load_image`` of the result (a 0..1 tensor) gives the 8-bit RGB image, ``round(v * 255)``.

@@ -86,8 +86,8 @@ class ToNormalizedTensor:
     """PIL RGB image -> float32 ``[3, H, W]``, scaled to 0..1 then ``(x - mean) / std``."""
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
-        self.mean = tuple(mean)
-        self.std = tuple(std)
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         # np.array copies, so the tensor owns writable memory (np.asarray of a PIL image is read-only).
@@ -96,7 +96,7 @@ class ToNormalizedTensor:
         return normalize(x.float().div_(255.0), self.mean, self.std)
 
     def __repr__(self) -> str:
-        return f"ToNormalizedTensor(mean={list(self.mean)}, std={list(self.std)})"
+        return f"ToNormalizedTensor(mean={self.mean.tolist()}, std={self.std.tolist()})"
 
 
 
