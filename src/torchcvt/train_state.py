@@ -1,4 +1,4 @@
-"""What a training run keeps and writes: its progress, the EMA of its weights, checkpoints and metrics.
+"""What a training run keeps and writes: its progress, the EMA of its weights, checkpoints, metrics and log lines.
 
 ``last.pt`` is the full training state (``training_checkpoint``; ``restore`` puts it back):
 the model (torchcvt names) and its config, the ``TrainConfig``, the optimizer, the LR scheduler,
@@ -6,7 +6,8 @@ the gradient scaler, the EMA weights, the counters and history of ``Progress``, 
 state. ``best.pt`` holds the weights validated best. Both are plain containers and tensors that
 ``torch.load(weights_only=True)`` reads, and ordinary checkpoints for ``load_model``, ``cvt eval``
 and ``cvt predict``. ``metrics.jsonl``/``.csv`` and the learning curves are rewritten from the
-whole history every epoch. Every file is written atomically.
+whole history every epoch; ``describe_run``, ``epoch_line`` and ``run_summary`` are what the run prints.
+Every file is written atomically.
 """
 
 from __future__ import annotations
