@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .errors import ConfigError
 from .fileio import atomic_save
 from .model import CvT
-from .transforms import PreprocessConfig
+from .transforms import denormalize
 
 FIGURE_SIZE = (10.0, 5.0)  # inches: the overlay on the left, the heads' grid on the right
 DEFAULT_DPI = 100
@@ -110,13 +110,6 @@ def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "
     return (1.0 - alpha) * rgb + alpha * colours
 
 
-def denormalize(pixels: torch.Tensor, config: PreprocessConfig) -> np.ndarray:
-    """The model input ``[3, H, W]`` back as a 0..1 ``[H, W, 3]`` image (the crop the model saw)."""
-    mean = torch.tensor(config.mean).view(3, 1, 1)
-    std = torch.tensor(config.std).view(3, 1, 1)
-    return (pixels.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
 def render(
     rgb: np.ndarray,
     maps: torch.Tensor,
@@ -187,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     probs = logits.softmax(dim=-1)
     best = int(probs.argmax())
     title = f"{Path(args.image).name}: {class_labels(model)[best]} ({probs[best]:.1%})"
-    path = render(denormalize(pixels, pre), maps.cpu(), args.output, title=title, alpha=args.alpha, dpi=args.dpi)
+    rgb = denormalize(pixels.float().cpu(), pre.mean, pre.std).permute(1, 2, 0).numpy()  # the crop the model saw
+    path = render(rgb, maps.cpu(), args.output, title=title, alpha=args.alpha, dpi=args.dpi)
     print(f"wrote {path}: {title}")
     return 0

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ConfigError, DataError
 from .fileio import atomic_save
+from .transforms import denormalize, load_image
 
 TOP_K = 5
 
@@ -247,13 +247,10 @@ def save_images(
 ) -> Path:
     """The first ``limit`` items of ``dataset`` as 8-bit PNGs, un-normalised: for an input that the
     preprocessing only resizes (digits) ``cvt predict`` sees them as evaluation did, to 8-bit rounding."""
-    mean_t = torch.tensor(mean).view(3, 1, 1)
-    std_t = torch.tensor(std).view(3, 1, 1)
     for i in range(min(limit, len(dataset))):
         x, y = dataset[i]
-        pixels = (x * std_t + mean_t).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # [H, W, 3]
         name = "".join(c if c.isalnum() or c in "-." else "_" for c in labels[y])
-        image = Image.fromarray(pixels)
+        image = load_image(denormalize(x, mean, std))  # 0..1 pixels -> 8-bit RGB, round(v * 255)
         atomic_save(lambda tmp: image.save(tmp, format="PNG"), folder / f"{i:04d}_{name}.png")
     return folder
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import ConfigError, DataError, ImageError, TorchCvTError
 from .model import CvT
 from .pretrained import LAYOUTS, REGISTRY, load_pretrained, preprocess_config_of
-from .transforms import ImageSource, PreprocessConfig, preprocess
+from .transforms import ImageSource, PreprocessConfig, is_image_file, preprocess
 
 # ----------------------------------------------------------------------------------- classifier
 Prediction = tuple[str, float]  # (label, softmax probability)
@@ -166,23 +166,16 @@ class Classifier:
 
 
 # ------------------------------------------------------------------------------- finding images
-def image_extensions() -> frozenset[str]:
-    """File suffixes that Pillow can open (``.jpg``, ``.png``, ``.webp``, ...), lower case."""
-    from PIL import Image
-
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
 def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Expand INPUT arguments into image files, and say what could not be read.
 
     A file named explicitly is always taken (if it is no image, reading it fails and says so).
     Folders are walked recursively in sorted order, and glob patterns (``**`` allowed) expanded;
-    from those, only files with an image suffix are taken, and hidden names (``.*``) are skipped.
+    from those, only ``transforms.is_image_file`` names are taken (a suffix Pillow reads, not hidden:
+    the rule training data follows too).
     Returns the files (duplicates removed, first occurrence kept) and one message per missing
     path, unmatched pattern or unreadable folder.
     """
-    extensions = image_extensions()
     files: list[Path] = []
     problems: list[str] = []
 
@@ -192,9 +185,7 @@ def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
 
         for folder, dirnames, filenames in os.walk(top, onerror=failed):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files.extend(
-                Path(folder, f) for f in sorted(filenames) if not f.startswith(".") and Path(f).suffix.lower() in extensions
-            )
+            files.extend(Path(folder, f) for f in sorted(filenames) if is_image_file(f))
 
     for item in inputs:
         path = Path(item)
@@ -209,7 +200,7 @@ def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
             for match in map(Path, matches):
                 if match.is_dir():
                     walk(match)
-                elif match.suffix.lower() in extensions and not match.name.startswith("."):
+                elif is_image_file(match):
                     files.append(match)
         else:
             problems.append(f"{item}: no such file or directory")
@@ -278,10 +269,17 @@ class ResultWriter:
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def add_models_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cvt models`` takes no options."""
+
+
+def run_models(args: argparse.Namespace) -> int:
+    sys.stdout.write(format_models())
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # cli.py registers `models` and `predict` on this module; the sub-parser's prog names the command.
-    if parser.prog.split()[-1] != "predict":
-        return
+    """The options of ``cvt predict``."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--weights", required=True, help="registry name (see `cvt models`) or hub id, checkpoint folder or file")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
@@ -295,13 +293,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="unreadable image or path: stop with an error (default) or skip it, name it and count it")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader worker processes decoding images (default: min(4, CPUs - 1))")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.command == "models":
-        sys.stdout.write(format_models())
-        return 0
-    return _predict(args)
 
 
 def format_models() -> str:
@@ -329,7 +320,8 @@ def _csv(values: Sequence[int]) -> str:
     return ",".join(map(str, values))
 
 
-def _predict(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``cvt predict``."""
     from tqdm import tqdm
 
     for name in ("top_k", "batch_size"):
