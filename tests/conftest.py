@@ -1,4 +1,5 @@
-"""Shared fixtures: reference checkpoints built by transformers with random weights.
+"""Shared fixtures: reference checkpoints built by transformers with random weights, and an
+offline Hugging Face cache to plant them in as hub repositories.
 
 Every reference is a real ``CvtForImageClassification`` with random weights, random BatchNorm
 running statistics and random LayerNorm affines (so a swapped or skipped norm shows), saved with
@@ -24,6 +25,7 @@ REFERENCE_LAYOUTS = {
     "tiny": dict(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], num_labels=7),
     "cvt-13": dict(embed_dim=[64, 192, 384], num_heads=[1, 3, 6], depth=[1, 2, 10], num_labels=1000),
     "cvt-21": dict(embed_dim=[64, 192, 384], num_heads=[1, 3, 6], depth=[1, 4, 16], num_labels=1000),
+    "cvt-w24": dict(embed_dim=[192, 768, 1024], num_heads=[3, 12, 16], depth=[2, 2, 20], num_labels=1000),  # 277M: slow tests only
 }
 
 
@@ -70,3 +72,44 @@ def reference(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+# The preprocessor_config.json of the microsoft/cvt-* repositories (transformers' old feature-extractor
+# spelling: an int size, the shortest edge; from 384 up ConvNext squashes and ignores crop_pct).
+HUB_PREPROCESSOR = {
+    "crop_pct": 0.875, "do_normalize": True, "do_resize": True, "feature_extractor_type": "ConvNextFeatureExtractor",
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3,
+}
+HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as refs/main holds
+
+
+def plant_hub_repo(cache: Path, repo_id: str, checkpoint: Path, size: int) -> Path:
+    """Make ``checkpoint`` (a transformers folder) the cached snapshot of ``repo_id``, laid out as
+    ``snapshot_download`` leaves it: ``models--owner--name/refs/main`` naming a commit and
+    ``snapshots/<commit>/`` with the files (links, as the cache links its blobs), plus the hub's
+    preprocessor_config.json at ``size``. Returns the snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / HUB_REVISION
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
+        if (checkpoint / name).is_file():
+            (snapshot / name).symlink_to((checkpoint / name).resolve())
+    (snapshot / "preprocessor_config.json").write_text(json.dumps({**HUB_PREPROCESSOR, "size": size}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_REVISION)
+    return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, read offline (no request leaves the machine); returns its folder."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads both variables once, when imported: its constants must change too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -94,7 +94,7 @@ def test_attention_command_draws_the_heatmap_over_the_image(reference, tmp_path,
 
 def test_attention_command_without_cls_token(tmp_path, capsys):
     model = torchcvt.create_model("cvt-tiny", cls_token=(False, False, False))
-    model.save_pretrained(str(tmp_path / "ckpt"))
+    torchcvt.save_pretrained(model, tmp_path / "ckpt")
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 40), "white").save(image)
     rc = cli.main(["attention", "--weights", str(tmp_path / "ckpt"), str(image), "--output", str(tmp_path / "a.png")])

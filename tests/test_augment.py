@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from torchcvt.augment import (
     INCREASING_OPS,
@@ -18,7 +19,6 @@ from torchcvt.augment import (
     RandomAffineTensor,
     RandomErasing,
     RandomResizedCrop,
-    SoftTargetCrossEntropy,
     finetune_transform,
     mixup_target,
     train_transform,
@@ -275,9 +275,20 @@ def test_switch_between_mixup_and_cutmix():
     assert 10 <= kinds.count("cutmix") <= 30
 
 
-def test_soft_target_cross_entropy_matches_torch():
+def test_cross_entropy_on_mixup_targets_is_the_soft_target_loss():
+    # Training uses nn.CrossEntropyLoss() on Mixup's probability targets: it must be timm's
+    # SoftTargetCrossEntropy, the batch mean of -sum(target * log_softmax(logits)).
+    mixup = Mixup(num_classes=7)
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 6, 2, 2, 4, 1])
+    logits = torch.randn(6, 7)
+    loss = nn.CrossEntropyLoss()
+    for seed in range(5):
+        random.seed(seed)
+        _, soft = mixup(x, y)
+        expected = -(soft * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+        assert torch.allclose(loss(logits, soft), expected, atol=1e-6)
+    # Unmixed targets: hard labels, and smoothing with torch's own label_smoothing convention.
     logits, y = torch.randn(5, 7), torch.tensor([0, 6, 2, 2, 4])
-    loss = SoftTargetCrossEntropy()
     assert torch.allclose(loss(logits, mixup_target(y, 7)), F.cross_entropy(logits, y), atol=1e-6)
     smoothed = mixup_target(y, 7, smoothing=0.1)
     assert torch.allclose(loss(logits, smoothed), F.cross_entropy(logits, y, label_smoothing=0.1), atol=1e-6)

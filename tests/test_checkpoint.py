@@ -27,7 +27,7 @@ def test_save_pretrained_loads_in_transformers_unchanged(reference, tmp_path):
 
     hf_model, directory = reference("tiny")
     model = create_model(weights=str(directory))
-    model.save_pretrained(tmp_path / "out")
+    assert torchcvt.save_pretrained(model, tmp_path / "out") == tmp_path / "out"
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"config.json", "model.safetensors"}
     loaded, info = CvtForImageClassification.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert info["missing_keys"] == [] or set(info["missing_keys"]) == set()
@@ -46,7 +46,7 @@ def test_save_pretrained_cvt13_keys_and_bin(tmp_path):
 
     torch.manual_seed(0)
     model = create_model("cvt-13", num_classes=4, hidden_act="gelu")
-    model.save_pretrained(tmp_path, safe_serialization=False)
+    torchcvt.save_pretrained(model, tmp_path, safe_serialization=False)
     assert (tmp_path / "pytorch_model.bin").is_file() and not (tmp_path / "model.safetensors").exists()
     hf, info = CvtForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]

@@ -20,17 +20,17 @@ from torchcvt.datasets import (
     verify_images,
 )
 from torchcvt.errors import DataError, ImageError
-from torchcvt.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from torchcvt.inference import collect_images
+from torchcvt.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, load_image
 
 DIGIT_COUNTS = {0: 178, 1: 182, 2: 177, 3: 183, 4: 181, 5: 182, 6: 181, 7: 179, 8: 174, 9: 180}
 
 
 def write_image(path: Path, seed: int = 0, size: tuple[int, int] = (20, 16)) -> Path:
-    """A small noisy RGB image; the format follows the suffix (PNG, JPEG, ...)."""
+    """A small noisy RGB image; the format follows the suffix, as Pillow maps it (PNG, JPEG, ...)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), path.suffix.lower().lstrip(".").upper())
-    Image.fromarray(pixels).save(path, format=fmt)
+    Image.fromarray(pixels).save(path, format=Image.registered_extensions()[path.suffix.lower()])
     return path
 
 
@@ -142,6 +142,26 @@ def test_image_folder_held_out_split(tmp_path):
     assert again.val.samples == splits.val.samples
     other = build_datasets(str(root), image_size=32, val_fraction=0.2, seed=1)
     assert other.val.samples != splits.val.samples and len(other.val) == 6
+
+
+def test_training_and_predict_take_the_same_image_files(tmp_path):
+    # One rule for `cvt train` and `cvt predict`: every suffix Pillow reads, in any case, not only a
+    # fixed list of common ones (.jfif, .ppm and .tga were missing from it); hidden and non-image
+    # files are skipped by both.
+    suffixes = [".webp", ".TIF", ".jfif", ".ppm", ".tga"]
+    assert all(Image.registered_extensions()[s.lower()] in Image.OPEN for s in suffixes)  # Pillow reads them
+    root = tmp_path / "data"
+    for c, name in enumerate(("cat", "dog")):
+        for i, suffix in enumerate(suffixes):
+            write_image(root / name / f"{name}{i}{suffix}", seed=10 * c + i)
+    write_image(root / "cat" / ".hidden.png")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    splits = build_datasets(str(root), val_fraction=0.2)
+    taken = sorted(path for path, _ in splits.train.samples + splits.val.samples)
+    assert len(taken) == 10 and {Path(p).suffix for p in taken} == set(suffixes)
+    files, problems = collect_images([str(root)])
+    assert problems == [] and sorted(map(str, files)) == taken
+    assert all(load_image(path).size == (20, 16) for path in taken)  # and every one of them decodes
 
 
 @pytest.mark.parametrize("val_name", ["val", "validation"])

@@ -137,7 +137,7 @@ def test_eval_errors_are_one_line(digits_checkpoint, tmp_path, capsys):
     assert rc == 1 and err.startswith("error: data not found") and str(tmp_path / "missing") in err and err.count("\n") == 1
 
     three = torchcvt.create_model("cvt-tiny", num_classes=3)
-    three.save_pretrained(str(tmp_path / "three"))
+    torchcvt.save_pretrained(three, tmp_path / "three")
     rc = cli.main(["eval", "--weights", str(tmp_path / "three"), "--data", "digits"])
     err = capsys.readouterr().err
     assert rc == 1 and err == "error: digits has 10 classes but the model has 3; evaluate on data with the model's classes\n"

@@ -21,11 +21,12 @@ from PIL import Image
 
 import torchcvt
 from torchcvt import cli
-from torchcvt.checkpoint import HUB_IDS
-from torchcvt.config import preset_config
 from torchcvt.errors import CheckpointError, ConfigError
-from torchcvt.inference import WEIGHTS, Classifier, collect_images
+from torchcvt.inference import Classifier, collect_images
+from torchcvt.pretrained import REGISTRY
 from torchcvt.transforms import PreprocessConfig, write_preprocessor_config
+
+from conftest import plant_hub_repo
 
 LABELS = ["cat", "dog", "fox", "owl", "eel", "yak", "emu"]  # the tiny reference has 7 classes
 
@@ -235,9 +236,12 @@ def test_classifier_of_a_model_uses_imagenet_names_for_1000_classes():
         Classifier(torchcvt.create_model("cvt-tiny", num_classes=0))
 
 
-def test_hub_ids_use_the_registry_recipe(small_checkpoint, monkeypatch):
-    # Offline stand-in for the download: the tiny checkpoint plays microsoft/cvt-13-384-22k.
-    monkeypatch.setattr("torchcvt.inference.resolve_source", lambda source: Path(small_checkpoint))
+def test_hub_ids_use_the_registry_recipe(reference, offline_hub, tmp_path):
+    # Offline stand-ins in the Hugging Face cache: random CvT-13 and CvT-21 weights as the hub repos,
+    # the 13 with a 64-pixel preprocessor_config.json that the registry must override.
+    snapshot = plant_hub_repo(offline_hub, "microsoft/cvt-13-384-22k", reference("cvt-13")[1], 384)
+    write_preprocessor_config(PreprocessConfig.for_resolution(64), snapshot)
+    plant_hub_repo(offline_hub, "microsoft/cvt-21", reference("cvt-21")[1], 224)
     clf = Classifier("cvt-13-384-22k")
     assert clf.source == "microsoft/cvt-13-384-22k"
     # The registry wins over the folder's 64-pixel file: the 384 recipe squashes, no crop.
@@ -269,29 +273,36 @@ def count_params(c) -> int:
 
 
 def test_registry_matches_the_model_zoo():
-    assert tuple(WEIGHTS) == HUB_IDS
-    tiny = preset_config("cvt-tiny")
+    public = [e for e in REGISTRY.values() if e.hub_id is not None]
+    # The seven transformers repositories of CvT, in the registry's order.
+    assert [e.hub_id for e in public] == [
+        "microsoft/cvt-13", "microsoft/cvt-13-384", "microsoft/cvt-13-384-22k", "microsoft/cvt-21",
+        "microsoft/cvt-21-384", "microsoft/cvt-21-384-22k", "microsoft/cvt-w24-384-22k"]
+    tiny = REGISTRY["cvt-tiny"].config()
     assert count_params(tiny) == sum(p.numel() for p in torchcvt.create_model("cvt-tiny").parameters())
     # Model zoos: 20.0M and 31.6M (PASSL), 277M (microsoft/CvT README; PASSL's 277.3M counts more).
     zoo = {"cvt-13": (20.0, 1), "cvt-21": (31.6, 1), "cvt-w24": (277, 0)}
-    for w in WEIGHTS.values():
-        c = preset_config(w.preset)
+    for w in REGISTRY.values():
+        c = w.config()
         assert w.params == count_params(c)
-        value, digits = zoo[w.preset.removesuffix("-384")]
-        assert round(w.params / 1e6, digits) == value
-        assert w.image_size == c.image_size and w.hub_id.startswith(f"microsoft/{w.preset.removesuffix('-384')}")
+        if w.layout in zoo:
+            value, digits = zoo[w.layout]
+            assert round(w.params / 1e6, digits) == value
+        assert w.image_size == c.image_size and w.name.startswith(w.layout)
+        assert w.hub_id in (None, f"microsoft/{w.name}")
         # Official evaluation: 87.5% centre crop at 224, plain resize at 384.
         assert w.preprocess_config() == PreprocessConfig.for_resolution(w.image_size)
-        assert w.crop_pct == (0.875 if w.image_size == 224 else None)
-        assert ("22k" in w.hub_id) == (w.pretrained_on == "ImageNet-22k")
-    assert [WEIGHTS[f"microsoft/{n}"].top1_ported for n in ("cvt-13", "cvt-13-384-22k", "cvt-21", "cvt-21-384-22k", "cvt-w24-384-22k")] == [
+        assert w.crop_pct == (0.875 if w.image_size < 384 else None)
+        assert ("22k" in w.name) == (w.pretrained_on == "ImageNet-22k")
+    assert [REGISTRY[n].top1_ported for n in ("cvt-13", "cvt-13-384-22k", "cvt-21", "cvt-21-384-22k", "cvt-w24-384-22k")] == [
         81.59, 82.90, 82.46, 84.63, 87.39]
 
 
 def test_models_command_lists_weights_and_presets(capsys):
     rc, out, _ = run_cli(capsys, "models")
     assert rc == 0
-    for w in WEIGHTS.values():
+    for w in REGISTRY.values():
         line = next(line for line in out.splitlines() if line.split()[:1] == [w.name])
-        assert f"{w.top1:.1f}" in line and f"{w.params / 1e6:.1f}M" in line
+        assert f"{w.params / 1e6:.1f}M" in line
+        assert (f"{w.top1:.1f}" in line and w.hub_id in line) if w.hub_id else line.split()[-1] == "-"
     assert "cvt-tiny" in out

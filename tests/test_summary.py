@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 import torchcvt
@@ -41,8 +38,3 @@ def test_cli_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: an input of 2x2 is too small") and err.count("\n") == 1
 
-
-def test_python_m_entry_point():
-    out = subprocess.run([sys.executable, "-m", "torchcvt", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("summary", "predict", "train", "eval", "export", "bench"):
-        assert command in out

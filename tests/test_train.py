@@ -4,6 +4,8 @@ after SIGKILL, 2-process torchrun, fine-tuning a transformers checkpoint, NaN lo
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
 import json
 import math
@@ -16,16 +18,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score
 
 import torchcvt
-from torchcvt import cli
+from torchcvt import cli, train
 from torchcvt.datasets import build_datasets
-from torchcvt.train import (
-    EMA, CrossRankBatchNorm2d, TrainConfig, epoch_batches, lr_at, param_groups, resolve_config, stream_seed,
-)
+from torchcvt.distributed import CrossRankBatchNorm2d
+from torchcvt.optimization import lr_at, param_groups
+from torchcvt.reproducibility import epoch_batches, stream_seed
+from torchcvt.train import RECIPES, TrainConfig, resolve_config
+from torchcvt.train_state import EMA
 
 
 def cvt_train(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -123,7 +128,10 @@ def _cross_rank_bn_worker(rank: int, store: str, x: torch.Tensor, grad_out: torc
     xs = x[part].clone().requires_grad_()
     out = bn(xs)
     (out * grad_out[part]).sum().backward()
-    queue.put((rank, out.detach(), xs.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+    # As numpy arrays, pickled by value: a tensor would travel as a file descriptor that this process
+    # must still serve when the test reads it, and it may have exited by then.
+    tensors = (out.detach(), xs.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var)
+    queue.put((rank, *(t.numpy().copy() for t in tensors)))
     dist.destroy_process_group()
 
 
@@ -140,7 +148,7 @@ def test_cross_rank_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path):
     for p in procs:
         p.start()
     try:
-        results = dict((item[0], item[1:]) for item in (queue.get(timeout=300) for _ in procs))
+        results = {item[0]: [torch.from_numpy(a) for a in item[1:]] for item in (queue.get(timeout=300) for _ in procs)}
     finally:
         for p in procs:
             p.join(timeout=60)
@@ -173,6 +181,55 @@ def test_defaults_are_the_digits_recipe():
     assert scratch.lr == pytest.approx(2.5e-4 * 8) and scratch.image_size == 224
     with pytest.raises(torchcvt.ConfigError, match="unknown training option"):
         resolve_config(learning_rate=1.0)
+
+
+def test_cross_entropy_on_probabilities_is_the_soft_target_cross_entropy():
+    """Under mixup/cutmix the loop uses nn.CrossEntropyLoss on probability targets (label_smoothing 0:
+    the mixed targets carry the smoothing): the mean over the batch of -sum(t * log_softmax(logits)),
+    in value and gradient, on smoothed and mixed one-hots as Mixup makes them."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(16, 10, generator=g) * 3).requires_grad_()
+    y = torch.randint(0, 10, (16,), generator=g)
+    smooth = lambda labels: F.one_hot(labels, 10).float() * (1 - 0.1) + 0.1 / 10  # noqa: E731
+    for target in (smooth(y), 0.3 * smooth(y) + 0.7 * smooth(y.flip(0)), torch.softmax(torch.randn(16, 10, generator=g), -1)):
+        ours = torch.nn.CrossEntropyLoss()(logits, target)
+        (grad,) = torch.autograd.grad(ours, logits)
+        reference = -(target * torch.log_softmax(logits.double(), dim=-1)).sum(-1).mean()
+        (reference_grad,) = torch.autograd.grad(reference, logits)
+        torch.testing.assert_close(ours.double(), reference)
+        torch.testing.assert_close(grad, reference_grad.float())
+
+
+def test_every_option_comes_from_a_field_with_help_and_the_recipes_defaults():
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    given = vars(parser.parse_args([]))
+    assert set(given) == {f.name for f in dataclasses.fields(TrainConfig)} | {"resume"}
+    assert all(v in (None, False) for v in given.values())  # not given: resolve_config and the recipe decide
+    assert all(a.help for a in parser._actions)
+    # Each recipe's value, as resolve_config picks it.
+    for name in ("epochs", "batch_size", "warmup_lr", "mixup", "crop_scale"):
+        values = {recipe: getattr(resolve_config(data="./x", model="cvt-13", recipe=recipe), name) for recipe in RECIPES}
+        shown = ", ".join(f"{recipe}: {value:g}" for recipe, value in values.items())
+        assert f"(default: the recipe's ({shown}))" in text, name
+    assert "--epochs N epochs; the cosine schedule spans them (default: the recipe's (digits: 15, paper: 300, finetune: 10))" in text
+    assert "--image-size N input side (default: the model's)" in text
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("epochs", 0, "--epochs must be positive, got 0"),
+    ("crop_scale", 0.0, "--crop-scale must lie in (0, 1], got 0.0"),
+    ("hflip", 1.5, "--hflip must be a probability in [0, 1], got 1.5"),
+    ("ema_decay", 1.0, "--ema-decay must lie in [0, 1), got 1.0"),
+    ("workers", -1, "--workers must be >= 0, got -1"),
+    ("amp", "fp8", "--amp must be one of none, bf16, fp16, got 'fp8'"),
+    ("drop_path", "0,x", "--drop-path must be comma-separated per-stage rates such as 0,0,0.1, got '0,x'"),
+])
+def test_an_option_out_of_range_is_a_one_line_error_naming_it(option, value, message):
+    with pytest.raises(torchcvt.ConfigError) as error:
+        resolve_config(**{option: value})
+    assert str(error.value) == message
 
 
 # ------------------------------------------------------------------------------------ whole runs

@@ -23,7 +23,10 @@ from torchcvt.labels import imagenet_id2label, imagenet_labels
 from torchcvt.transforms import (
     RESAMPLE_FILTERS,
     PreprocessConfig,
+    denormalize,
+    is_image_file,
     load_image,
+    normalize,
     preprocess,
     preprocess_batch,
     read_preprocessor_config,
@@ -347,6 +350,38 @@ def test_input_image_is_not_modified():
     before = np.asarray(image).copy()
     preprocess(image, PreprocessConfig())
     assert image.mode == "RGBA" and np.array_equal(np.asarray(image), before)
+
+
+# --------------------------------------------------------------------------------- pixel plumbing
+def test_normalize_and_denormalize_against_numpy():
+    rng = np.random.default_rng(0)
+    pixels = rng.random((2, 3, 5, 4), dtype=np.float32)
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    expected = (pixels - mean[:, None, None]) / std[:, None, None]
+    x = normalize(torch.from_numpy(pixels), mean.tolist(), std.tolist())
+    assert x.dtype == torch.float32
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(denormalize(x, mean.tolist(), std.tolist()).numpy(), pixels, atol=1e-6)
+    # Values outside the image range come back clamped to 0..1.
+    far = torch.full((3, 2, 2), -9.0)
+    far[:, 1] = 9.0
+    assert torch.equal(denormalize(far, (0.5,) * 3, (0.5,) * 3), (far > 0).float())
+
+
+def test_denormalize_gives_back_the_8_bit_image():
+    # A squash to the image's own size leaves the pixels as they are: preprocess -> denormalize ->
+    # load_image (round(v * 255)) must reproduce the original 8-bit RGB values exactly.
+    rgb = np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    cfg = PreprocessConfig(image_size=24, crop_pct=None, mean=(0.3, 0.5, 0.7), std=(0.2, 0.3, 0.1))
+    back = load_image(denormalize(preprocess(Image.fromarray(rgb), cfg), cfg.mean, cfg.std))
+    assert np.array_equal(np.asarray(back), rgb)
+
+
+def test_image_files_are_what_pillow_reads():
+    for name in ("a.jpg", "B.JPG", "c.webp", "d.TIFF", "e.jfif", "f.ppm", "dir/g.png"):
+        assert is_image_file(name), name
+    for name in ("notes.txt", "archive.tar.gz", ".hidden.png", "._resource_fork.jpg", "noext"):
+        assert not is_image_file(name), name
 
 
 # ---------------------------------------------------------------------------------- labels

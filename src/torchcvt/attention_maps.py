@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_save
 from .errors import ConfigError
+from .fileio import atomic_save
 from .model import CvT
-from .transforms import PreprocessConfig
+from .transforms import denormalize
 
 FIGURE_SIZE = (10.0, 5.0)  # inches: the overlay on the left, the heads' grid on the right
 DEFAULT_DPI = 100
@@ -110,13 +110,6 @@ def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "
     return (1.0 - alpha) * rgb + alpha * colours
 
 
-def denormalize(pixels: torch.Tensor, config: PreprocessConfig) -> np.ndarray:
-    """The model input ``[3, H, W]`` back as a 0..1 ``[H, W, 3]`` image (the crop the model saw)."""
-    mean = torch.tensor(config.mean).view(3, 1, 1)
-    std = torch.tensor(config.std).view(3, 1, 1)
-    return (pixels.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
 def render(
     rgb: np.ndarray,
     maps: torch.Tensor,
@@ -159,7 +152,7 @@ def render(
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="the image file")
-    parser.add_argument("--weights", required=True, help="hub id or short name (see `cvt models`), checkpoint folder or file")
+    parser.add_argument("--weights", required=True, help="registry name (see `cvt models`) or hub id, checkpoint folder or file")
     parser.add_argument("--output", required=True, help="the PNG to write")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity, 0..1 (default: 0.5)")
@@ -168,20 +161,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .inference import Classifier
+    from .inference import class_labels, parse_device
+    from .pretrained import load_pretrained
+    from .transforms import preprocess
 
     if not 0.0 <= args.alpha <= 1.0:
         raise ConfigError(f"--alpha must lie in 0..1, got {args.alpha}")
     if args.dpi < 10:
         raise ConfigError(f"--dpi must be >= 10, got {args.dpi}")
-    classifier = Classifier(args.weights, device=args.device)
-    _check_cls_token(classifier.model)
-    pixels = classifier.preprocess(args.image)  # [3, H, W]
-    maps, logits = cls_attention(classifier.model, pixels)
+    device = parse_device(args.device, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model, pre, _ = load_pretrained(args.weights)
+    _check_cls_token(model)
+    if model.config.num_classes == 0:
+        raise ConfigError(f"{args.weights} has no classification head (num_classes=0): no class to title the map with")
+    model = model.to(device).eval()
+    pixels = preprocess(args.image, pre)  # [3, H, W]
+    maps, logits = cls_attention(model, pixels)
     probs = logits.softmax(dim=-1)
     best = int(probs.argmax())
-    title = f"{Path(args.image).name}: {classifier.labels[best]} ({probs[best]:.1%})"
-    path = render(denormalize(pixels, classifier.preprocess_config), maps.cpu(), args.output,
-                  title=title, alpha=args.alpha, dpi=args.dpi)
+    title = f"{Path(args.image).name}: {class_labels(model)[best]} ({probs[best]:.1%})"
+    rgb = denormalize(pixels.float().cpu(), pre.mean, pre.std).permute(1, 2, 0).numpy()  # the crop the model saw
+    path = render(rgb, maps.cpu(), args.output, title=title, alpha=args.alpha, dpi=args.dpi)
     print(f"wrote {path}: {title}")
     return 0

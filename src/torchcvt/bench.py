@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import CvTConfig, preset_config
+from .config import CvTConfig
 from .errors import ConfigError, TorchCvTError
 from .fastpath import apply_fast_path, onednn_available, onednn_linear, optimize_for_inference, remove_fast_path
 
@@ -107,7 +107,9 @@ def reference_pair(name: str | CvTConfig, directory: str | os.PathLike, seed: in
         from transformers.utils import logging as hf_logging
     except ImportError:
         raise TorchCvTError("cvt bench compares against transformers: pip install transformers") from None
+    from .checkpoint import save_pretrained
     from .model import CvT
+    from .pretrained import preset_config
 
     config = preset_config(name, hidden_act="gelu") if isinstance(name, str) else name.replace(hidden_act="gelu")
     if any(m != "dw_bn" for m in config.qkv_projection_method) or any(config.cls_token[:-1]):
@@ -122,7 +124,7 @@ def reference_pair(name: str | CvTConfig, directory: str | os.PathLike, seed: in
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(0.5 * torch.randn(m.running_mean.shape, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-    ours.save_pretrained(str(directory))
+    save_pretrained(ours, directory)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     theirs = CvtForImageClassification.from_pretrained(str(directory))
@@ -168,7 +170,7 @@ def _memory_child(kind: str, case: str, directory: str, batch: int, image_size: 
     """Run in a fresh process: MiB the case needs at its peak beyond what is resident before it.
 
     ``kind``: "transformers", "torchcvt" (fast path), "plain" (without it) or "optimized"."""
-    from .model import CvT
+    from .pretrained import load_model
 
     torch.set_num_threads(threads)
     if kind == "transformers":
@@ -179,7 +181,7 @@ def _memory_child(kind: str, case: str, directory: str, batch: int, image_size: 
         hf_logging.disable_progress_bar()
         model = CvtForImageClassification.from_pretrained(directory).eval()
     else:
-        model = CvT.from_pretrained(directory).eval()
+        model = load_model(directory).eval()
         model = remove_fast_path(model) if kind == "plain" else apply_fast_path(model)
         if kind == "optimized":
             model = optimize_for_inference(model)
@@ -299,7 +301,7 @@ def run_benchmark(
     ``name``: a preset or a CvTConfig that transformers can build. The memory subprocesses read the
     weights from a temporary directory, so they work for any layout.
     """
-    from .checkpoint import describe
+    from .pretrained import describe
     from .summary import summary
 
     if threads is not None:

@@ -1,11 +1,11 @@
-"""Every CvT checkpoint format, in and out.
+"""Every CvT checkpoint format, in and out: key maps, format detection, reading and writing files.
 
 Formats read:
 
 * ``transformers``: ``CvtForImageClassification`` / ``CvtModel`` state dicts (keys such as
   ``cvt.encoder.stages.0.layers.0.attention.attention.projection_query.weight``), from a directory
   with ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``, from those files alone,
-  or from a Hugging Face Hub id such as ``microsoft/cvt-13`` (downloaded when online).
+  or from a Hugging Face Hub id ``owner/name`` (downloaded when online, else read from the cache).
 * ``official``: microsoft/CvT ``.pth`` files (``CvT-13-224x224-IN-1k.pth``): a bare state dict
   with keys such as ``stage2.blocks.0.attn.conv_proj_k.bn.running_var``.
 * ``torchcvt``: our own module names (``stages.2.blocks.0.attn...``), as in training checkpoints.
@@ -13,8 +13,8 @@ Formats read:
 Format written: ``save_pretrained`` writes transformers' layout (``config.json`` + ``model.safetensors``
 with transformers' key names), which ``CvtForImageClassification.from_pretrained`` loads unchanged.
 
-Loading is strict: the state dict must match the model key for key and shape for shape, and a
-mismatch raises a CheckpointError that lists the offending keys. Pickles are only ever read with
+This module converts and reads; it builds no model (``pretrained.load_model`` does, strictly,
+with ``check_state_dict`` here listing every offending key). Pickles are only ever read with
 ``torch.load(weights_only=True)``.
 """
 
@@ -30,22 +30,12 @@ from typing import Any
 
 import torch
 
-from .config import PRESETS, CvTConfig
+from .config import CvTConfig
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_save
+from .transforms import PreprocessConfig, read_preprocessor_config, write_preprocessor_config
 
 logger = logging.getLogger("torchcvt")
-
-# The public transformers checkpoints of CvT (all ImageNet-1k heads; "-22k": pre-trained on ImageNet-22k).
-HUB_IDS = (
-    "microsoft/cvt-13",
-    "microsoft/cvt-13-384",
-    "microsoft/cvt-13-384-22k",
-    "microsoft/cvt-21",
-    "microsoft/cvt-21-384",
-    "microsoft/cvt-21-384-22k",
-    "microsoft/cvt-w24-384-22k",
-)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
@@ -195,42 +185,6 @@ def infer_config_fields(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def config_from_state_dict(state_dict: dict[str, torch.Tensor], image_size: int | None = None) -> CvTConfig:
-    """A full config for a checkpoint without one (official ``.pth`` files).
-
-    Fields the tensors do not determine come from the preset with the same widths and depths
-    (CvT-13/21/W24), or else from CvT-13's per-stage settings with 64-channel heads, the head
-    width of every published CvT.
-    """
-    fields = infer_config_fields(state_dict)
-    n = len(fields["depth"])
-    base: dict[str, Any] = {}
-    for preset in PRESETS.values():
-        if tuple(preset.get("embed_dim", ())) == fields["embed_dim"] and tuple(preset.get("depth", ())) == fields["depth"]:
-            base = {k: v for k, v in preset.items() if k != "image_size"}
-            break
-    defaults = CvTConfig()
-    kwargs: dict[str, Any] = {}
-    for name in ("patch_stride", "patch_padding", "attention_drop_rate", "drop_rate", "drop_path_rate", "padding_kv", "stride_kv", "padding_q", "stride_q", "qkv_projection_method", "kernel_qkv"):
-        if name in fields:
-            continue
-        value = base.get(name, getattr(defaults, name))
-        if len(value) != n:
-            value = (value[-1],) * n if name.endswith("rate") else tuple(value[:n]) + (value[-1],) * max(0, n - len(value))
-        kwargs[name] = value
-    if "num_heads" in base:
-        kwargs["num_heads"] = base["num_heads"]
-    else:
-        kwargs["num_heads"] = tuple(max(1, d // 64) if d % 64 == 0 else 1 for d in fields["embed_dim"])
-    kwargs.update(fields)
-    if image_size is not None:
-        kwargs["image_size"] = image_size
-    try:
-        return CvTConfig(**kwargs)
-    except ConfigError as exc:
-        raise CheckpointError(f"cannot infer a CvT layout from the checkpoint: {exc}") from None
-
-
 def _fmt_shape(t: Any) -> str:
     return "x".join(map(str, t.shape)) if hasattr(t, "shape") else "?"
 
@@ -274,18 +228,12 @@ class Checkpoint:
     config: CvTConfig | None  # from config.json or an embedded config; None for bare state dicts
     config_dict: dict[str, Any] | None  # the raw config.json, to know which fields it set
     format: str
-    path: Path
+    path: Path  # the weights file
+    preprocess: PreprocessConfig | None = None  # the folder's preprocessor_config.json, if any
 
 
 def is_hub_id(source: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not source.startswith((".", "/"))
-
-
-def is_checkpoint_source(source: str) -> bool:
-    """Whether a string names weights (a path or a hub id) rather than a preset."""
-    if source.lower() in PRESETS:
-        return False
-    return os.path.exists(source) or is_hub_id(source)
 
 
 def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
@@ -313,7 +261,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
         return path
     if isinstance(source, str) and is_hub_id(source):
         return download_from_hub(source)
-    raise CheckpointError(f"{source}: no such file or directory, and not a Hugging Face Hub id like 'microsoft/cvt-13'")
+    raise CheckpointError(f"{source}: no such file or directory, and not a Hugging Face Hub id (owner/name)")
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -359,7 +307,6 @@ def _read_config_json(path: Path) -> dict[str, Any] | None:
 def read_checkpoint(source: str | os.PathLike) -> Checkpoint:
     """Read any supported checkpoint into torchcvt names (no model is built)."""
     path = resolve_source(source)
-    config_dict = None
     if path.is_dir():
         weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
         if weights is None:
@@ -370,11 +317,13 @@ def read_checkpoint(source: str | os.PathLike) -> Checkpoint:
                     f"found {[p.name for p in candidates] or 'no weights file'}"
                 )
             weights = candidates[0]
-        config_dict = _read_config_json(path / "config.json")
+        folder: Path | None = path
     else:
+        # transformers' files given alone still belong to their folder; beside a lone .pth, a
+        # config.json or preprocessor_config.json could describe anything.
         weights = path
-        if weights.name in WEIGHT_FILES:  # transformers' files given alone: use a config.json beside them
-            config_dict = _read_config_json(weights.parent / "config.json")
+        folder = path.parent if path.name in WEIGHT_FILES else None
+    config_dict = _read_config_json(folder / "config.json") if folder else None
     tensors, embedded = _load_tensors(weights)
     config_dict = config_dict or embedded
     try:
@@ -387,89 +336,24 @@ def read_checkpoint(source: str | os.PathLike) -> Checkpoint:
             config = CvTConfig.from_dict(config_dict)
         except ConfigError as exc:
             raise CheckpointError(f"{path}: its config.json is not a CvT config: {exc}") from None
-    return Checkpoint(state_dict, config, config_dict, fmt, weights)
+    preprocess = read_preprocessor_config(folder) if folder else None
+    return Checkpoint(state_dict, config, config_dict, fmt, weights, preprocess)
 
 
-def _image_size_from_name(path: Path) -> int | None:
-    # Official files carry their resolution in the name: CvT-13-384x384-IN-1k.pth.
+def image_size_from_name(path: Path) -> int | None:
+    """The resolution official files carry in their name: ``CvT-13-384x384-IN-1k.pth`` -> 384."""
     m = re.search(r"(\d{3})x\1", path.name)
     return int(m[1]) if m else None
 
 
-# -------------------------------------------------------------------------------- building
-_METADATA_FIELDS = ("hidden_act", "image_size", "layer_norm_eps")
-
-
-def load_model(
-    source: str | os.PathLike,
-    *,
-    config: CvTConfig | None = None,
-    num_classes: int | None = None,
-    **overrides: Any,
-):
-    """Build a CvT from a checkpoint, strictly.
-
-    ``config``: the architecture to load into (checked against the tensors); default: the
-    checkpoint's own (``config.json``, an embedded config, or inferred from the tensors).
-    ``num_classes``: a head size; when it differs from the checkpoint's, the head is replaced by a
-    new, randomly initialised one (fine-tuning), and a log message says so.
-    ``overrides``: config fields to change, e.g. ``hidden_act="gelu"``.
-    """
-    from .fastpath import apply_fast_path
-    from .model import CvT
-
-    ckpt = read_checkpoint(source)
-    sd = ckpt.state_dict
-    own = ckpt.config or config_from_state_dict(sd, image_size=_image_size_from_name(ckpt.path))
-    if config is None:
-        target = own
-    else:
-        # An explicit architecture; what config.json says beyond the architecture still applies.
-        given = ckpt.config_dict or {}
-        keep = {k: getattr(own, k) for k in _METADATA_FIELDS if k in given and k not in overrides}
-        target = config.replace(**keep) if keep else config
-    if overrides:
-        target = target.replace(**overrides)
-
-    ckpt_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
-    new_head = num_classes is not None and num_classes != ckpt_classes
-    if new_head:
-        target = target.replace(num_classes=num_classes, id2label=None)
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    elif target.id2label is None and own.id2label is not None and target.num_classes == own.num_classes:
-        target = target.replace(id2label=own.id2label)
-
-    model = CvT(config=target)
-    expected = model.state_dict()
-    if new_head:
-        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
-    hint = ""
-    if "head.weight" in sd and "head.weight" in expected and sd["head.weight"].shape != expected["head.weight"].shape:
-        hint = f" (to fine-tune with a new {target.num_classes}-class head, pass num_classes={target.num_classes})"
-    try:
-        check_state_dict(expected, sd, source=f"{ckpt.path} ({ckpt.format} format)", target=f"the {describe(target)} model")
-    except CheckpointError as exc:
-        raise CheckpointError(str(exc) + hint) from None
-    model.load_state_dict(sd, strict=not new_head)
-    if new_head:
-        logger.warning(
-            "loaded %s without its head: new %d-class head, randomly initialised (the checkpoint has %d classes)",
-            ckpt.path, target.num_classes, ckpt_classes,
-        )
-    return apply_fast_path(model)
-
-
-def describe(config: CvTConfig) -> str:
-    for name, preset in PRESETS.items():
-        if all(getattr(config, k) == v for k, v in preset.items() if k not in ("image_size", "num_classes", "drop_path_rate")):
-            return name
-    return f"CvT(embed_dim={list(config.embed_dim)}, depth={list(config.depth)})"
-
-
 # ------------------------------------------------------------------------------------ writing
-def save_pretrained(model, directory: str | os.PathLike, *, safe_serialization: bool = True, preprocess=None) -> Path:
+def save_pretrained(
+    model: Any, directory: str | os.PathLike, *, safe_serialization: bool = True, preprocess: PreprocessConfig | None = None
+) -> Path:
     """Write transformers' layout: ``config.json``, ``model.safetensors`` (or ``pytorch_model.bin``),
-    and ``preprocessor_config.json`` describing the evaluation transform of the weights."""
+    and ``preprocessor_config.json`` describing the evaluation transform of the weights (default:
+    the official recipe for the model's resolution). ``model`` needs only ``state_dict()`` and a
+    ``config`` (a CvTConfig). Returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: CvTConfig = model.config
@@ -487,19 +371,11 @@ def save_pretrained(model, directory: str | os.PathLike, *, safe_serialization: 
         atomic_save(lambda tmp: torch.save(hf_state, tmp), directory / "pytorch_model.bin")
         (directory / "model.safetensors").unlink(missing_ok=True)
     config.save(directory / "config.json")
-    _write_preprocessor_config(config, directory, preprocess)
+    write_preprocessor_config(preprocess or PreprocessConfig.for_resolution(config.image_size), directory)
     return directory
 
 
-def _write_preprocessor_config(config: CvTConfig, directory: Path, preprocess) -> None:
-    try:
-        from .transforms import PreprocessConfig, write_preprocessor_config
-    except ImportError:
-        return
-    write_preprocessor_config(preprocess or PreprocessConfig.for_resolution(config.image_size), directory)
-
-
-def save_official(model, path: str | os.PathLike) -> Path:
+def save_official(model: Any, path: str | os.PathLike) -> Path:
     """Write a microsoft/CvT-style ``.pth`` (bare state dict with the official key names)."""
     path = Path(path)
     state = to_official_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})

@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .fileio import atomic_write_text
+from .version import __version__
 
 __version_marker__ = "torchcvt_version"
 
@@ -238,8 +239,6 @@ class CvTConfig:
     # -------------------------------------------------------------------------------- JSON form
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` dict: transformers' CvtConfig reads it; torchcvt reads it back exactly."""
-        from . import __version__
-
         d: dict[str, Any] = {
             "model_type": "cvt",
             "architectures": ["CvtForImageClassification"],
@@ -342,41 +341,3 @@ def _convert(kind: type, value: Any) -> Any:
     if not isinstance(value, str):
         raise TypeError(value)
     return value
-
-
-# ---------------------------------------------------------------------------------------- presets
-# Layouts of the official microsoft/CvT configs (experiments/imagenet/cvt/*.yaml). CvT-W24 is the
-# wide 24-block model; the 384 variants differ only in the resolution they were trained at.
-_CVT13 = dict(embed_dim=(64, 192, 384), num_heads=(1, 3, 6), depth=(1, 2, 10), drop_path_rate=(0.0, 0.0, 0.1))
-_CVT21 = dict(embed_dim=(64, 192, 384), num_heads=(1, 3, 6), depth=(1, 4, 16), drop_path_rate=(0.0, 0.0, 0.1))
-_CVTW24 = dict(embed_dim=(192, 768, 1024), num_heads=(3, 12, 16), depth=(2, 2, 20), drop_path_rate=(0.0, 0.0, 0.3))
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "cvt-13": dict(_CVT13, image_size=224),
-    "cvt-13-384": dict(_CVT13, image_size=384),
-    "cvt-21": dict(_CVT21, image_size=224),
-    "cvt-21-384": dict(_CVT21, image_size=384),
-    "cvt-w24": dict(_CVTW24, image_size=224),
-    "cvt-w24-384": dict(_CVTW24, image_size=384),
-    # A small layout for quick experiments and the offline digits demo (not a published model):
-    # CvT-13's 7x7 stride-4 first embedding, so a 32x32 input gives 8x8, 4x4 and 2x2 token grids;
-    # widths 32/64/128, 4 blocks, 570k parameters. `cvt train` reaches ~99 % on the digits in ~25 s.
-    "cvt-tiny": dict(
-        patch_sizes=(7, 3, 3), patch_stride=(4, 2, 2), patch_padding=(2, 1, 1),
-        embed_dim=(32, 64, 128), num_heads=(1, 2, 2), depth=(1, 1, 2),
-        drop_path_rate=(0.0, 0.0, 0.0), image_size=32, num_classes=10,
-    ),
-}
-
-
-def list_models() -> list[str]:
-    """Names of the built-in layouts accepted by ``create_model`` and ``CvTConfig.from_preset``."""
-    return list(PRESETS)
-
-
-def preset_config(name: str, **overrides: Any) -> CvTConfig:
-    """The config of a preset, with some fields changed."""
-    key = name.lower()
-    if key not in PRESETS:
-        raise ConfigError(f"unknown model {name!r}; presets: {', '.join(PRESETS)}")
-    return CvTConfig(**PRESETS[key]).replace(**overrides)

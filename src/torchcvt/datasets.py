@@ -10,7 +10,9 @@ whose items are ``(normalised float32 [3, S, S] tensor, int label)``:
   (7 MB for the set at 32, 360 MB at 224).
 * a folder with one sub-folder of images per class (torchvision's ImageFolder layout). With
   ``train/`` and ``val/`` (or ``validation/``) sub-folders those are the splits; otherwise a
-  stratified ``val_fraction`` is held out with ``seed``.
+  stratified ``val_fraction`` is held out with ``seed``. Sub-folders of a class folder are searched
+  too; a file is taken when ``transforms.is_image_file`` says so (a visible name with a suffix
+  Pillow reads), the same rule as ``cvt predict``.
 * an Oxford-IIIT Pet folder (``images/`` + ``annotations/trainval.txt`` and ``test.txt``):
   trainval trains, test validates; labels are the official class ids minus 1.
 * a ``.csv`` file with a ``path,label`` header (paths relative to the CSV's folder or absolute),
@@ -47,9 +49,8 @@ from torch.utils.data import Dataset
 
 from . import augment
 from .errors import DataError, ImageError
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, load_image
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, is_image_file, load_image, normalize
 
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 VAL_DIR_NAMES = ("val", "validation")
 
 DIGITS_IMAGE_SIZE = 32
@@ -100,15 +101,15 @@ class TensorImageDataset(Dataset):
             )
         self.images = images
         self.labels = labels.long()
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = (self.images[index].expand(3, -1, -1) - self.mean) / self.std
+        x = normalize(self.images[index].expand(3, -1, -1), self.mean, self.std)
         if self.transform is not None:
             x = self.transform(x)
         return x, int(self.labels[index])
@@ -216,7 +217,7 @@ def _digits_splits(image_size: int, train_transform, eval_transform) -> DataSpli
     train_idx, val_idx = stratified_split(targets.tolist(), DIGITS_VAL_FRACTION, DIGITS_SPLIT_SEED)
     if train_transform is None:
         # Light and batched: small shifts, turns and zooms; the background (ink 0) fills the border.
-        background = [(0.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+        background = normalize(torch.zeros(3, 1, 1, dtype=torch.float64), IMAGENET_MEAN, IMAGENET_STD).flatten().tolist()
         train_transform = augment.RandomAffineTensor(degrees=10, translate=0.1, scale=(0.9, 1.1), fill=background)
     train_idx_t, val_idx_t = torch.tensor(train_idx), torch.tensor(val_idx)
     return DataSplits(
@@ -236,13 +237,9 @@ def _list_class_folders(root: Path) -> dict[str, list[str]]:
         raise DataError(f"{root}: no class sub-folders; expected one sub-folder of images per class")
     classes = {}
     for class_dir in class_dirs:
-        files = sorted(
-            str(p) for p in class_dir.rglob("*")
-            # Hidden files include macOS "._x.jpg" resource forks, which are not images.
-            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-        )
+        files = sorted(str(p) for p in class_dir.rglob("*") if is_image_file(p) and p.is_file())
         if not files:
-            raise DataError(f"{class_dir}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(f"{class_dir}: class folder has no images (files with a suffix Pillow reads: .jpg, .png, .webp, ...)")
         classes[class_dir.name] = files
     return classes
 

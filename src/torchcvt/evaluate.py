@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ConfigError, DataError
 from .fileio import atomic_save
+from .transforms import denormalize, load_image
 
 TOP_K = 5
 
@@ -131,7 +131,7 @@ def evaluate(
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True,
-                        help="checkpoint folder or file (a run folder, its last.pt or best.pt), a hub id or a short name (`cvt models`)")
+                        help="checkpoint folder or file (a run folder, its last.pt or best.pt), a hub id or a registry name (`cvt models`)")
     parser.add_argument("--data", required=True, help="'digits' (its held-out split), an image folder, an Oxford-IIIT Pet folder or a .csv")
     parser.add_argument("--split", default="val", choices=("val", "train"),
                         help="which split to evaluate (default: val; folders without train/ and val/ hold out --val-fraction)")
@@ -153,7 +153,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _checkpoint_folder(weights: str) -> Path | None:
-    """The local folder a checkpoint lives in (the run folder for last.pt/best.pt), or None for a hub id."""
+    """The local folder a checkpoint lives in (the run folder for last.pt/best.pt), or None for a
+    registry name or a hub id."""
+    from .pretrained import resolve
+
+    if resolve(weights) is not None:
+        return None
     path = Path(weights).expanduser()
     if path.is_dir():
         return path
@@ -175,8 +180,8 @@ def _check_labels(model_labels: dict[int, str] | None, data_labels: dict[int, st
 
 def run(args: argparse.Namespace) -> int:
     from .datasets import build_datasets
-    from .inference import Classifier
     from .plots import plot_confusion_matrix
+    from .pretrained import load_pretrained
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -193,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
         # Before the (slow) model load: the most common mistake gets the quickest answer.
         raise DataError(f"data not found: {args.data} (expected 'digits', an image folder or a .csv file)")
 
-    # The weights with the evaluation preprocessing that belongs to them (hub ids and short names too).
-    classifier = Classifier(args.weights, device=device)
-    model, pre = classifier.model, classifier.preprocess_config
+    # The weights with the evaluation preprocessing that belongs to them (registry names and hub ids too).
+    model, pre, _ = load_pretrained(args.weights)
+    model = model.to(device).eval()
     if args.image_size is not None:
         pre = dataclasses.replace(pre, image_size=args.image_size)
     digits = args.data == "digits"
@@ -242,13 +247,10 @@ def save_images(
 ) -> Path:
     """The first ``limit`` items of ``dataset`` as 8-bit PNGs, un-normalised: for an input that the
     preprocessing only resizes (digits) ``cvt predict`` sees them as evaluation did, to 8-bit rounding."""
-    mean_t = torch.tensor(mean).view(3, 1, 1)
-    std_t = torch.tensor(std).view(3, 1, 1)
     for i in range(min(limit, len(dataset))):
         x, y = dataset[i]
-        pixels = (x * std_t + mean_t).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # [H, W, 3]
         name = "".join(c if c.isalnum() or c in "-." else "_" for c in labels[y])
-        image = Image.fromarray(pixels)
+        image = load_image(denormalize(x, mean, std))  # 0..1 pixels -> 8-bit RGB, round(v * 255)
         atomic_save(lambda tmp: image.save(tmp, format="PNG"), folder / f"{i:04d}_{name}.png")
     return folder
 

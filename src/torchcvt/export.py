@@ -4,6 +4,10 @@ The exported graph is the network alone: input ``pixel_values`` ``[B, 3, H, W]``
 resized, cropped and normalised as described by ``preprocess`` in the JSON file written beside
 the model (``model.onnx`` -> ``model.onnx.json``); output ``logits`` ``[B, num_classes]``.
 With ``dynamic=True`` the batch, height and width are free (sides from ``min_dynamic_side``).
+
+``cvt export --weights SRC`` exports trained weights (a checkpoint, a hub id, or a registry name
+with public weights); ``cvt export --model NAME`` exports the layout of a registry name with random
+weights (for deployment tests before training); both together check the checkpoint against the layout.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_save, is_checkpoint_source, resolve_source
 from .config import CvTConfig
 from .errors import ConfigError, TorchCvTError
-from .transforms import PreprocessConfig, read_preprocessor_config
+from .fileio import atomic_save
+from .transforms import PreprocessConfig
 
 TOLERANCE = 1e-4
 FORMATS = ("onnx", "pt2")
@@ -136,14 +140,9 @@ def _steps(cfg: PreprocessConfig) -> str:
     return f"RGB uint8 image: {resize}, multiply by 1/255, subtract mean, divide by std (per channel), layout [3, H, W]"
 
 
-def write_preprocessing(model: torch.nn.Module, path: Path, source: str | None) -> Path:
+def write_preprocessing(model: torch.nn.Module, path: Path, preprocess: PreprocessConfig) -> Path:
     """``<file>.json`` beside the export: input layout, preprocessing, output and class names."""
     config = model.config
-    preprocess = None
-    if source is not None and is_checkpoint_source(source):
-        directory = resolve_source(source)
-        preprocess = read_preprocessor_config(directory if directory.is_dir() else directory.parent)
-    preprocess = preprocess or PreprocessConfig.for_resolution(config.image_size)
     info = {
         "input": {"name": "pixel_values", "shape": ["batch", config.num_channels, "height", "width"], "dtype": "float32",
                   "color": "RGB", "min_size": config.min_input_size()},
@@ -162,7 +161,10 @@ def write_preprocessing(model: torch.nn.Module, path: Path, source: str | None) 
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", required=True, help="checkpoint (directory, file or hub id), or a preset name for random weights")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint (folder, file or hub id) or a registry name with public weights (`cvt models`)")
+    parser.add_argument("--model", default=None,
+                        help="registry name: without --weights, its layout with random weights; with --weights, the layout they must fit")
     parser.add_argument("--format", choices=FORMATS, required=True, help="onnx (onnxruntime) or pt2 (torch.export)")
     parser.add_argument("--output", required=True, help="file to write")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
@@ -172,19 +174,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"largest accepted difference from PyTorch (default {TOLERANCE})")
 
 
+def _export_size(args: argparse.Namespace, config: CvTConfig) -> int:
+    """The example / fixed input side, checked against the layout (one-line errors)."""
+    size = args.image_size or config.image_size
+    try:
+        config.feature_sizes(size, size)
+    except ConfigError as exc:
+        raise ConfigError(f"--image-size {size}: {exc}") from None
+    if args.dynamic and size < min_dynamic_side(config):
+        raise ConfigError(f"--image-size {size}: a dynamic export needs a side of at least {min_dynamic_side(config)}")
+    return size
+
+
 def run(args: argparse.Namespace) -> int:
-    from .model import create_model
+    from .pretrained import create_model, preprocess_config_of, preset_config, resolve
 
     if args.opset is not None and args.format != "onnx":
         raise ConfigError("--opset applies to --format onnx only")
-    model = create_model(args.weights).eval()
-    size = args.image_size or model.config.image_size
-    try:
-        model.config.feature_sizes(size, size)
-    except ConfigError as exc:
-        raise ConfigError(f"--image-size {size}: {exc}") from None
-    if args.dynamic and size < min_dynamic_side(model.config):
-        raise ConfigError(f"--image-size {size}: a dynamic export needs a side of at least {min_dynamic_side(model.config)}")
+    if args.weights is None and args.model is None:
+        raise ConfigError("pass --weights (trained weights) or --model NAME (a registry layout with random weights)")
+    # A layout known by name is checked before any download.
+    name = args.model or (args.weights if resolve(args.weights) is not None else None)
+    if name is not None:
+        _export_size(args, preset_config(name))
+    model = create_model(args.model, weights=args.weights).eval()
+    size = _export_size(args, model.config)
+    preprocess = preprocess_config_of(model)
     if args.optimized:
         from .fastpath import optimize_for_inference
 
@@ -194,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         export_onnx(model, output, image_size=size, dynamic=args.dynamic, opset=args.opset)
     else:
         export_program(model, output, image_size=size, dynamic=args.dynamic)
-    sidecar = write_preprocessing(model, output, args.weights)
+    sidecar = write_preprocessing(model, output, preprocess)
     shapes = check_shapes(args.dynamic, size)
     diff = max_difference(model, output, args.format, shapes)
     checked = ", ".join(f"{b}x{model.config.num_channels}x{h}x{w}" for b, h, w in shapes)

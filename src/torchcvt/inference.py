@@ -1,14 +1,14 @@
 """Classify images with pretrained CvT weights: ``Classifier`` in Python, ``cvt predict`` and ``cvt models``.
 
     from torchcvt import Classifier
-    Classifier("microsoft/cvt-13")("cat.jpg")  # -> [(label, probability), ...] best first, 5 of them
+    Classifier("cvt-13")("cat.jpg")  # -> [(label, probability), ...] best first, 5 of them
 
 Preprocessing is the evaluation transform that belongs to the weights, chosen in this order: an
-explicit ``preprocess=``; the ``WEIGHTS`` registry entry for a public hub id; the checkpoint
-folder's ``preprocessor_config.json``; else the official recipe for the model's resolution
-(shorter side to 256 and a 224 centre crop below 384 pixels, a plain 384x384 resize from 384 up).
-The registry comes before the folder's file because transformers' ``config.json`` has no image
-size: without the registry a 384 checkpoint would look like a 224 one.
+explicit ``preprocess=``; the registry entry of a registry name or public hub id (pretrained.py);
+the checkpoint folder's ``preprocessor_config.json``; else the official recipe for the model's
+resolution (shorter side to 256 and a 224 centre crop below 384 pixels, a plain 384x384 resize
+from 384 up). ``pretrained.load_pretrained`` makes that choice; a ``CvT`` given as is brings its
+own (``model.pretrained_cfg``, set by ``create_model``).
 
 Labels: the checkpoint's ``id2label``; else the ImageNet-1k names for a 1000-class head (official
 ``.pth`` files carry no names); else ``class_0``, ``class_1``, ...
@@ -24,74 +24,16 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import WEIGHT_FILES, load_model, resolve_source
-from .config import PRESETS, preset_config
-from .errors import CheckpointError, ConfigError, DataError, ImageError, TorchCvTError
+from .errors import ConfigError, DataError, ImageError, TorchCvTError
 from .model import CvT
-from .transforms import ImageSource, PreprocessConfig, preprocess, read_preprocessor_config
-
-# ------------------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class WeightInfo:
-    """One public checkpoint: its layout, the evaluation transform it was measured with, its accuracy.
-
-    ``params``: trainable parameters of the layout (the model zoos round them to 20M, 32M, 277M).
-    ``top1``: ImageNet-1k val top-1 reported by the authors (microsoft/CvT README, Tables 2/3 of the
-    paper). ``top1_ported``: top-1 of the same released weights re-evaluated by PaddlePaddle's PASSL
-    model zoo with the crop of this entry (None where PASSL has no number).
-    """
-
-    hub_id: str
-    preset: str
-    image_size: int
-    crop_pct: float | None  # None: resize to image_size x image_size, no crop
-    pretrained_on: str
-    params: int
-    top1: float
-    top1_ported: float | None
-
-    @property
-    def name(self) -> str:
-        return self.hub_id.split("/", 1)[1]
-
-    def preprocess_config(self) -> PreprocessConfig:
-        return PreprocessConfig(image_size=self.image_size, crop_pct=self.crop_pct)
-
-
-_CVT13_PARAMS, _CVT21_PARAMS, _CVTW24_PARAMS = 19_997_480, 31_622_696, 277_196_392
-
-WEIGHTS: dict[str, WeightInfo] = {
-    w.hub_id: w
-    for w in (
-        WeightInfo("microsoft/cvt-13", "cvt-13", 224, 0.875, "ImageNet-1k", _CVT13_PARAMS, 81.6, 81.59),
-        WeightInfo("microsoft/cvt-13-384", "cvt-13-384", 384, None, "ImageNet-1k", _CVT13_PARAMS, 83.0, None),
-        WeightInfo("microsoft/cvt-13-384-22k", "cvt-13-384", 384, None, "ImageNet-22k", _CVT13_PARAMS, 83.3, 82.90),
-        WeightInfo("microsoft/cvt-21", "cvt-21", 224, 0.875, "ImageNet-1k", _CVT21_PARAMS, 82.5, 82.46),
-        WeightInfo("microsoft/cvt-21-384", "cvt-21-384", 384, None, "ImageNet-1k", _CVT21_PARAMS, 83.3, None),
-        WeightInfo("microsoft/cvt-21-384-22k", "cvt-21-384", 384, None, "ImageNet-22k", _CVT21_PARAMS, 84.9, 84.63),
-        WeightInfo("microsoft/cvt-w24-384-22k", "cvt-w24-384", 384, None, "ImageNet-22k", _CVTW24_PARAMS, 87.6, 87.39),
-    )
-}
-
-
-def weight_info(name: str) -> WeightInfo | None:
-    """The registry entry for a hub id (``microsoft/cvt-13``) or its short name (``cvt-13-384-22k``).
-
-    Short names that are also presets (``cvt-13``) resolve to the public weights here: inference
-    with random weights is never what is meant.
-    """
-    key = name if "/" in name else f"microsoft/{name}"
-    return WEIGHTS.get(key) or WEIGHTS.get(key.lower())
-
+from .pretrained import LAYOUTS, REGISTRY, load_pretrained, preprocess_config_of
+from .transforms import ImageSource, PreprocessConfig, is_image_file, preprocess
 
 # ----------------------------------------------------------------------------------- classifier
 Prediction = tuple[str, float]  # (label, softmax probability)
@@ -115,7 +57,8 @@ def _parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch
     raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
 
 
-def _parse_device(device: str | torch.device | None, default: torch.device) -> torch.device:
+def parse_device(device: str | torch.device | None, default: torch.device) -> torch.device:
+    """``device`` as a torch device (``default`` when None); a one-line ConfigError when unusable."""
     if device is None:
         return default
     try:
@@ -139,31 +82,12 @@ def class_labels(model: CvT) -> list[str]:
     return [f"class_{i}" for i in range(config.num_classes)]
 
 
-def _load(weights: str | os.PathLike) -> tuple[CvT, PreprocessConfig, str]:
-    """Model, preprocessing and a display name for a hub id, short name, folder or file."""
-    source = os.fspath(weights)
-    info = None if Path(source).expanduser().exists() else weight_info(source)
-    if info is not None:
-        path = resolve_source(info.hub_id)  # downloads (or reads the cache)
-        # transformers' config.json has no image_size; the registry knows the resolution.
-        return load_model(path, image_size=info.image_size), info.preprocess_config(), info.hub_id
-    if not Path(source).expanduser().exists() and "/" not in source:
-        known = ", ".join(w.name for w in WEIGHTS.values())
-        raise CheckpointError(f"unknown weights {source!r}: not a file or folder, nor one of {known} (or a hub id owner/name)")
-    path = resolve_source(source)
-    model = load_model(path)
-    # A preprocessor_config.json belongs to a checkpoint folder, also when its weights file is named
-    # directly; beside a lone .pth it could describe anything.
-    folder = path if path.is_dir() else path.parent if path.name in WEIGHT_FILES else None
-    pre = (read_preprocessor_config(folder) if folder else None) or PreprocessConfig.for_resolution(model.config.image_size)
-    return model, pre, source
-
-
 class Classifier:
     """Pretrained CvT + its evaluation transform + class names; load once, call many times.
 
-    ``weights``: a ``microsoft/cvt-*`` hub id or short name (``"cvt-21-384-22k"``), a checkpoint
-    folder or file (any format ``load_model`` reads), or a ``CvT`` (put in eval mode and used as is).
+    ``weights``: a registry name with public weights (``"cvt-21-384-22k"``, see ``cvt models``) or
+    its hub id, a checkpoint folder or file (any format ``load_model`` reads), another hub id, or a
+    ``CvT`` (put in eval mode and used as is, with the preprocessing of its ``pretrained_cfg``).
     ``device``: default CUDA when available (a given model: where it is). ``dtype``: float32
     (default), bfloat16 or float16 (CUDA only). ``preprocess``: overrides the transform of the weights.
     ``batch_size``: images per forward pass in ``__call__``.
@@ -181,17 +105,17 @@ class Classifier:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(weights, CvT):
-            model, pre, self.source = weights, PreprocessConfig.for_resolution(weights.config.image_size), "<model>"
+            model, pre, self.source = weights, preprocess_config_of(weights), "<model>"
             first = next(model.parameters())
             default_device, default_dtype = first.device, first.dtype
         else:
             default_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             default_dtype = torch.float32
             # Check the arguments before the (slow) load.
-            _parse_device(device, default_device)
+            parse_device(device, default_device)
             _parse_dtype(dtype, default_dtype)
-            model, pre, self.source = _load(weights)
-        self.device = _parse_device(device, default_device)
+            model, pre, self.source = load_pretrained(weights)
+        self.device = parse_device(device, default_device)
         self.dtype = _parse_dtype(dtype, default_dtype)
         if self.dtype == torch.float16 and self.device.type != "cuda":
             raise ConfigError(f"dtype float16 needs a CUDA device, got {self.device}; use bfloat16 or float32")
@@ -242,23 +166,16 @@ class Classifier:
 
 
 # ------------------------------------------------------------------------------- finding images
-def image_extensions() -> frozenset[str]:
-    """File suffixes that Pillow can open (``.jpg``, ``.png``, ``.webp``, ...), lower case."""
-    from PIL import Image
-
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
 def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Expand INPUT arguments into image files, and say what could not be read.
 
     A file named explicitly is always taken (if it is no image, reading it fails and says so).
     Folders are walked recursively in sorted order, and glob patterns (``**`` allowed) expanded;
-    from those, only files with an image suffix are taken, and hidden names (``.*``) are skipped.
+    from those, only ``transforms.is_image_file`` names are taken (a suffix Pillow reads, not hidden:
+    the rule training data follows too).
     Returns the files (duplicates removed, first occurrence kept) and one message per missing
     path, unmatched pattern or unreadable folder.
     """
-    extensions = image_extensions()
     files: list[Path] = []
     problems: list[str] = []
 
@@ -268,9 +185,7 @@ def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
 
         for folder, dirnames, filenames in os.walk(top, onerror=failed):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files.extend(
-                Path(folder, f) for f in sorted(filenames) if not f.startswith(".") and Path(f).suffix.lower() in extensions
-            )
+            files.extend(Path(folder, f) for f in sorted(filenames) if is_image_file(f))
 
     for item in inputs:
         path = Path(item)
@@ -285,7 +200,7 @@ def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
             for match in map(Path, matches):
                 if match.is_dir():
                     walk(match)
-                elif match.suffix.lower() in extensions and not match.name.startswith("."):
+                elif is_image_file(match):
                     files.append(match)
         else:
             problems.append(f"{item}: no such file or directory")
@@ -354,12 +269,19 @@ class ResultWriter:
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def add_models_arguments(parser: argparse.ArgumentParser) -> None:
+    """``cvt models`` takes no options."""
+
+
+def run_models(args: argparse.Namespace) -> int:
+    sys.stdout.write(format_models())
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # cli.py registers `models` and `predict` on this module; the sub-parser's prog names the command.
-    if parser.prog.split()[-1] != "predict":
-        return
+    """The options of ``cvt predict``."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) or glob patterns")
-    parser.add_argument("--weights", required=True, help="hub id or short name (see `cvt models`), checkpoint folder or file")
+    parser.add_argument("--weights", required=True, help="registry name (see `cvt models`) or hub id, checkpoint folder or file")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -373,32 +295,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DataLoader worker processes decoding images (default: min(4, CPUs - 1))")
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.command == "models":
-        sys.stdout.write(format_models())
-        return 0
-    return _predict(args)
-
-
 def format_models() -> str:
-    """The ``cvt models`` text: public weights, then the presets."""
+    """The ``cvt models`` text: the registry (pretrained.py), then its layouts."""
     out = io.StringIO()
-    out.write("Pretrained weights (ImageNet-1k heads; use the name or the hub id with --weights):\n")
-    header = f"  {'name':<20}{'preset':<13}{'input':>7}{'crop':>7}{'params':>9}  {'pretrained on':<14}{'top-1':>6}{'ported':>8}\n"
-    out.write(header)
-    for w in WEIGHTS.values():
-        crop = f"{w.crop_pct:.3f}" if w.crop_pct is not None else "none"
-        ported = f"{w.top1_ported:.2f}" if w.top1_ported is not None else "-"
-        out.write(f"  {w.name:<20}{w.preset:<13}{w.image_size:>7}{crop:>7}{w.params / 1e6:>8.1f}M  "
-                  f"{w.pretrained_on:<14}{w.top1:>6.1f}{ported:>8}\n")
+    out.write("Models (torchcvt.list_models()): create_model(name) builds the layout with random weights; names with\n"
+              "public weights load them in create_model(name, pretrained=True), Classifier(name) and --weights NAME:\n")
+    out.write(f"  {'name':<18}{'layout':<10}{'input':>6}{'crop':>7}{'params':>9}  {'pretrained on':<14}{'top-1':>6}{'ported':>8}  hub id\n")
+    for e in REGISTRY.values():
+        crop = f"{e.crop_pct:.3f}" if e.crop_pct is not None else "none"
+        top1 = f"{e.top1:.1f}" if e.top1 is not None else "-"
+        ported = f"{e.top1_ported:.2f}" if e.top1_ported is not None else "-"
+        out.write(f"  {e.name:<18}{e.layout:<10}{e.image_size:>6}{crop:>7}{e.params / 1e6:>8.1f}M  "
+                  f"{e.pretrained_on or '-':<14}{top1:>6}{ported:>8}  {e.hub_id or '-'}\n")
     out.write("  top-1: ImageNet-1k val, as reported by the authors (microsoft/CvT README); ported: the same\n"
               "  weights re-evaluated by PaddlePaddle PASSL's model zoo. crop none: resized to input x input.\n\n")
-    out.write("Presets (architectures; create_model(name) gives random weights):\n")
-    out.write(f"  {'name':<14}{'input':>6}  {'embed_dim':<17}{'depth':<12}{'heads':<12}weights\n")
-    for name in PRESETS:
-        c = preset_config(name)
-        weights = ", ".join(w.name for w in WEIGHTS.values() if w.preset == name) or "-"
-        out.write(f"  {name:<14}{c.image_size:>6}  {_csv(c.embed_dim):<17}{_csv(c.depth):<12}{_csv(c.num_heads):<12}{weights}\n")
+    out.write("Layouts:\n")
+    out.write(f"  {'name':<10}{'embed_dim':<17}{'depth':<12}heads\n")
+    for name, layout in LAYOUTS.items():
+        out.write(f"  {name:<10}{_csv(layout['embed_dim']):<17}{_csv(layout['depth']):<12}{_csv(layout['num_heads'])}\n")
     return out.getvalue()
 
 
@@ -406,7 +320,8 @@ def _csv(values: Sequence[int]) -> str:
     return ",".join(map(str, values))
 
 
-def _predict(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``cvt predict``."""
     from tqdm import tqdm
 
     for name in ("top_k", "batch_size"):

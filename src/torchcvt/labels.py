@@ -1,6 +1,6 @@
 """ImageNet-1k class names, in class-index order.
 
-The names are exactly those of the ``id2label`` in transformers' microsoft/cvt-* ``config.json``
+The names are exactly those of the ``id2label`` in the public CvT checkpoints' ``config.json``
 (the WordNet synset lemmas, e.g. index 0 is ``"tench, Tinca tinca"``), so predictions print the
 same here and there. They ship as ``torchcvt/resources/imagenet1k_labels.txt``, one name a line,
 so that nothing has to be downloaded.

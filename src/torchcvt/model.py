@@ -6,8 +6,8 @@ it computes on valid input: batch size 1 keeps its batch dimension (the official
 away) and the ``linear`` projection works (the official code never defines q/k/v for it).
 
 This is the plain reference model, built from ``nn.Linear`` and a plain ``Mlp``. ``create_model``
-and ``load_model`` return it with the CPU fast path applied (``fastpath.apply_fast_path``: the
-same parameters and numbers, the linears on oneDNN's GEMM); a ``CvT(...)`` built directly is plain.
+and ``load_model`` (pretrained.py) return it with the CPU fast path applied (fastpath.py: the same
+parameters and numbers, the linears on oneDNN's GEMM); a ``CvT(...)`` built directly is plain.
 
 Shape legend: B batch, C channels, H x W the token grid of the stage, T = H*W (+1 with a cls token).
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CvTConfig, preset_config
+from .config import CvTConfig
 from .errors import ConfigError
 
 
@@ -222,8 +222,9 @@ class Stage(nn.Module):
 class CvT(nn.Module):
     """The Convolutional Vision Transformer.
 
-    ``CvT(224, 3, 1000)`` builds CvT-13 (image_size, in_channels, num_classes);
-    ``CvT(config=CvTConfig(...))`` any layout. ``model(x)`` maps ``[B, C, H, W]`` images of any
+    ``CvT(224, 3, 1000)`` builds CvT-13 (image_size, in_channels, num_classes; CvTConfig's defaults);
+    ``CvT(config=CvTConfig(...))`` any layout. Models by name, with or without weights, come from
+    ``torchcvt.create_model`` (pretrained.py); this file does no I/O. ``model(x)`` maps ``[B, C, H, W]`` images of any
     size to logits ``[B, num_classes]`` (features ``[B, embed_dim[-1]]`` when num_classes is 0).
     """
 
@@ -237,7 +238,7 @@ class CvT(nn.Module):
     ) -> None:
         super().__init__()
         if config is None:
-            config = preset_config("cvt-13")
+            config = CvTConfig()  # CvT-13
         overrides = {k: v for k, v in (("image_size", image_size), ("num_channels", in_channels), ("num_classes", num_classes)) if v is not None}
         if overrides:
             config = config.replace(**overrides)
@@ -381,55 +382,3 @@ class CvT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-    # --------------------------------------------------------------------------- checkpoint I/O
-    def save_pretrained(self, directory: str, *, safe_serialization: bool = True) -> None:
-        """Write ``config.json`` + ``model.safetensors`` in transformers' layout (see checkpoint.py)."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, directory, safe_serialization=safe_serialization)
-
-    @classmethod
-    def from_pretrained(cls, source: str, *, num_classes: int | None = None, **overrides: Any) -> "CvT":
-        """Load any supported checkpoint: a directory, a file, or a hub id such as ``microsoft/cvt-13``."""
-        from .checkpoint import load_model
-
-        return load_model(source, num_classes=num_classes, **overrides)
-
-
-# ----------------------------------------------------------------------------------------- builders
-def create_model(
-    name_or_config: str | CvTConfig | None = None,
-    *,
-    weights: str | None = None,
-    num_classes: int | None = None,
-    **overrides: Any,
-) -> CvT:
-    """Build a CvT from a preset name or a config, optionally loading weights.
-
-    ``create_model("cvt-13")``: random weights. ``create_model("cvt-21", weights="microsoft/cvt-21")``:
-    the preset's architecture, checked against the checkpoint. ``create_model(weights="path")`` or
-    ``create_model("path/or/hub-id")``: the checkpoint's own architecture. ``num_classes`` different
-    from the checkpoint's gives a new, randomly initialised head (fine-tuning). ``overrides`` change
-    config fields, e.g. ``hidden_act="gelu"`` or ``drop_path_rate=(0, 0, 0.2)``.
-    """
-    from .checkpoint import is_checkpoint_source, load_model
-    from .fastpath import apply_fast_path
-
-    if isinstance(name_or_config, str) and weights is None and is_checkpoint_source(name_or_config):
-        name_or_config, weights = None, name_or_config
-    if weights is not None:
-        base = None if name_or_config is None else _resolve_config(name_or_config, {})
-        return load_model(weights, config=base, num_classes=num_classes, **overrides)
-    if name_or_config is None:
-        raise ConfigError("create_model needs a preset name, a CvTConfig or weights")
-    config = _resolve_config(name_or_config, overrides)
-    if num_classes is not None:
-        config = config.replace(num_classes=num_classes)
-    return apply_fast_path(CvT(config=config))
-
-
-def _resolve_config(name_or_config: str | CvTConfig, overrides: dict[str, Any]) -> CvTConfig:
-    if isinstance(name_or_config, CvTConfig):
-        return name_or_config.replace(**overrides) if overrides else name_or_config
-    return preset_config(name_or_config, **overrides)

@@ -1,18 +1,19 @@
 """Model summary: per-stage token grid, channels, parameters and MACs (``cvt summary NAME``).
 
-MACs are counted by ``torch.utils.flop_counter`` on a real forward pass (FLOPs / 2, matrix
-products, convolutions and attention; elementwise work is not counted, as in the paper).
+MACs are counted by ``torch.utils.flop_counter`` on a forward pass (FLOPs / 2, matrix products,
+convolutions and attention; elementwise work is not counted, as in the paper). ``cvt summary NAME``
+runs it on the meta device: the counts need only shapes, so even CvT-W24 costs no memory and
+nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-from .config import preset_config
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -90,22 +91,19 @@ def summary(model: torch.nn.Module, image_size: int | tuple[int, int] | None = N
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="preset name (see `cvt models`) or a checkpoint path / hub id")
+    parser.add_argument("name", help="registry name (see `cvt models`: its layout at its input size) or a checkpoint path / hub id")
     parser.add_argument("--image-size", type=int, default=None, help="input side (default: the model's own)")
     parser.add_argument("--num-classes", type=int, default=None)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import is_checkpoint_source, load_model
-    from .model import CvT
+    from .pretrained import create_model, resolve
 
-    if is_checkpoint_source(args.name):
-        model = load_model(args.name, num_classes=args.num_classes)
-        title = args.name
-    else:
-        overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
-        model = CvT(config=preset_config(args.name, **overrides))
-        title = args.name
-    print(f"{title}: {model.config.num_stages} stages, depth {list(model.config.depth)}, widths {list(model.config.embed_dim)}, {model.config.hidden_act}")
+    # A registry name is its layout alone (meta device: no weights, no memory, no download); other
+    # names are checkpoint paths or hub ids, read with their weights.
+    layout_only = resolve(args.name) is not None
+    with torch.device("meta") if layout_only else contextlib.nullcontext():
+        model = create_model(args.name, num_classes=args.num_classes)
+    print(f"{args.name}: {model.config.num_stages} stages, depth {list(model.config.depth)}, widths {list(model.config.embed_dim)}, {model.config.hidden_act}")
     print(summary(model, args.image_size))
     return 0

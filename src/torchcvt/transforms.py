@@ -1,7 +1,7 @@
 """Evaluation preprocessing: image in, normalised ``[3, H, W]`` float32 tensor out.
 
 The pipeline reproduces transformers' ``ConvNextImageProcessor`` (the PIL backend, which is what
-``AutoImageProcessor`` gives for the microsoft/cvt-* checkpoints), so that a model gives the same
+``AutoImageProcessor`` gives for the public CvT checkpoints), so that a model gives the same
 predictions here and there:
 
 1. decode and convert to RGB as transformers' ``load_image`` does (its image-classification
@@ -13,6 +13,11 @@ predictions here and there:
    the image is squashed to ``image_size x image_size`` (``crop_pct=None``), like the official
    CvT evaluation code;
 3. rescale by 1/255 and normalise in float32.
+
+This module also owns the pixel plumbing every other module shares: ``normalize`` and
+``denormalize`` (the one definition of ``(x - mean) / std`` and its inverse), ``resample_filter``
+(our interpolation names), and ``image_extensions`` / ``is_image_file`` (which file names
+``cvt train`` and ``cvt predict`` take from a folder: every suffix Pillow can open).
 
 Where transformers gives no usable answer we choose, and say so:
 
@@ -29,10 +34,11 @@ Where transformers gives no usable answer we choose, and say so:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -50,6 +56,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+Channels = Union[Sequence[float], torch.Tensor]  # one number per channel: mean or std
 
 # Our resample names and the PIL filter numbers transformers stores in preprocessor_config.json.
 RESAMPLE_FILTERS: dict[str, int] = {
@@ -101,8 +108,7 @@ class PreprocessConfig:
             if not 0 < self.crop_pct <= 1:
                 raise ConfigError(f"crop_pct must lie in (0, 1], got {self.crop_pct!r}")
             object.__setattr__(self, "crop_pct", float(self.crop_pct))
-        if self.resample not in RESAMPLE_FILTERS:
-            raise ConfigError(f"resample must be one of {', '.join(RESAMPLE_FILTERS)}, got {self.resample!r}")
+        resample_filter(self.resample)  # raises ConfigError for an unknown name
         for name in ("mean", "std"):
             object.__setattr__(self, name, _three_floats(name, getattr(self, name)))
         if any(s <= 0 for s in self.std):
@@ -254,9 +260,7 @@ def preprocess(image: ImageSource, cfg: PreprocessConfig) -> torch.Tensor:
     pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
     # transformers rescales in float64 and then casts; doing the same keeps us bit-identical.
     x = pixels.to(torch.float64).mul_(_RESCALE_FACTOR).to(torch.float32)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(mean).div_(std).contiguous()
+    return normalize(x, cfg.mean, cfg.std).contiguous()
 
 
 def preprocess_batch(images: Iterable[ImageSource], cfg: PreprocessConfig) -> torch.Tensor:
@@ -265,6 +269,52 @@ def preprocess_batch(images: Iterable[ImageSource], cfg: PreprocessConfig) -> to
     if not tensors:
         return torch.empty((0, 3, cfg.image_size, cfg.image_size))
     return torch.stack(tensors)
+
+
+# --------------------------------------------------------------------------------- pixel plumbing
+def normalize(pixels: torch.Tensor, mean: Channels, std: Channels) -> torch.Tensor:
+    """``(pixels - mean) / std`` per channel: 0..1 pixels ``[..., C, H, W]`` -> model input.
+
+    Computed in ``pixels``' dtype (float32 for images), the one definition every pipeline uses.
+    ``mean`` and ``std``: C numbers, or a tensor of them (which a per-item caller can keep, as
+    converting a tuple costs a few microseconds each call).
+    """
+    mean_t = torch.as_tensor(mean, dtype=pixels.dtype, device=pixels.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=pixels.dtype, device=pixels.device).view(-1, 1, 1)
+    return (pixels - mean_t) / std_t
+
+
+def denormalize(x: torch.Tensor, mean: Channels, std: Channels) -> torch.Tensor:
+    """The inverse of ``normalize``, clamped to 0..1: model input ``[..., C, H, W]`` -> the pixels it shows.
+
+    ``load_image`` of the result (a 0..1 tensor) gives the 8-bit RGB image, ``round(v * 255)``.
+    """
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x * std_t + mean_t).clamp(0, 1)
+
+
+def resample_filter(name: str) -> Image.Resampling:
+    """Pillow's filter for one of our resample names (nearest, lanczos, bilinear, bicubic)."""
+    if name not in RESAMPLE_FILTERS:
+        raise ConfigError(f"resample must be one of {', '.join(RESAMPLE_FILTERS)}, got {name!r}")
+    return Image.Resampling(RESAMPLE_FILTERS[name])
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """File suffixes that Pillow can open here (``.jpg``, ``.png``, ``.webp``, ``.tif``, ...), lower case.
+
+    Read once per process: register extra Pillow plugins (such as pillow-heif) before the first call.
+    """
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether a folder walk takes ``path``: a visible name (not ``.*``, which includes macOS ``._x.jpg``
+    resource forks) with a suffix Pillow can open. Training data and ``cvt predict`` both use it."""
+    path = Path(path)
+    return not path.name.startswith(".") and path.suffix.lower() in image_extensions()
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -323,7 +373,7 @@ def _positive_int(name: str, value: Any) -> int:
 def _resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     """ConvNextImageProcessor's resize (and centre crop), done by Pillow on the uint8 RGB image."""
     n = cfg.image_size
-    resample = Image.Resampling(RESAMPLE_FILTERS[cfg.resample])
+    resample = resample_filter(cfg.resample)
     if cfg.crop_pct is None:
         return img.resize((n, n), resample=resample)
     # transformers' get_resize_output_image_size(default_to_square=False): the shorter side becomes

@@ -1,0 +1,242 @@
+"""What a training run keeps and writes: its progress, the EMA of its weights, checkpoints, metrics and log lines.
+
+``last.pt`` is the full training state (``training_checkpoint``; ``restore`` puts it back):
+the model (torchcvt names) and its config, the ``TrainConfig``, the optimizer, the LR scheduler,
+the gradient scaler, the EMA weights, the counters and history of ``Progress``, and every RNG
+state. ``best.pt`` holds the weights validated best. Both are plain containers and tensors that
+``torch.load(weights_only=True)`` reads, and ordinary checkpoints for ``load_model``, ``cvt eval``
+and ``cvt predict``. ``metrics.jsonl``/``.csv`` and the learning curves are rewritten from the
+whole history every epoch; ``describe_run``, ``epoch_line`` and ``run_summary`` are what the run prints.
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .datasets import DataSplits, describe
+from .distributed import Dist
+from .errors import CheckpointError
+from .evaluate import EvalResult
+from .fileio import atomic_save, atomic_write_text
+from .plots import plot_learning_curves
+from .reproducibility import rng_state, set_rng_state
+
+logger = logging.getLogger("torchcvt")
+
+# What a run writes in its folder (a new run in the same folder removes them first).
+RUN_FILES = ("last.pt", "best.pt", "train_config.json", "metrics.jsonl", "metrics.csv",
+             "learning_curves.png", "config.json", "model.safetensors", "preprocessor_config.json")
+
+
+def _no_stats() -> dict[str, Any]:
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint needs besides the weights and the optimizer."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    epoch_step: int = 0  # optimizer steps completed in the current epoch
+    best_top1: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per epoch
+    epoch_stats: dict[str, Any] = field(default_factory=_no_stats)  # this epoch before a resume, all ranks
+
+    def end_epoch(self, stats: dict[str, Any], val: EvalResult, *, lr: float) -> dict[str, Any]:
+        """Close the epoch with its totals over all ranks (``EpochMeter.totals``), its validation and
+        the learning rate after it; returns its row of the metrics history."""
+        row = {
+            "epoch": self.epoch + 1, "step": self.step,
+            "train_loss": stats["loss_sum"] / stats["seen"], "train_top1": stats["correct"] / stats["seen"],
+            "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5,
+            "lr": lr, "images_per_sec": stats["seen"] / max(stats["seconds"], 1e-9), "epoch_seconds": stats["seconds"],
+        }
+        self.history.append(row)
+        self.epoch, self.epoch_step, self.epoch_stats = self.epoch + 1, 0, _no_stats()
+        return row
+
+
+class EpochMeter:
+    """This rank's loss sum, correct predictions and images since the epoch (or the resume) began,
+    kept on the device: reading them is a host sync, so the loop does it only now and then."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One batch: its mean ``loss``, and the ``logits`` scored against the (un-mixed) ``labels``."""
+        self.loss_sum += loss.detach().double() * len(labels)
+        self.correct += (logits.detach().argmax(dim=-1) == labels).sum()
+        self.seen += len(labels)
+
+    def mean_loss(self) -> float:
+        return float(self.loss_sum) / max(1, self.seen)
+
+    def totals(self, before: dict[str, Any], d: Dist) -> dict[str, Any]:
+        """The epoch's totals over all ranks: these counts summed, added to ``before`` (the part of
+        the epoch before a resume). A collective: every rank calls it."""
+        device = self.loss_sum.device
+        local = torch.stack([self.loss_sum, self.correct.double(), torch.tensor(float(self.seen), dtype=torch.float64, device=device)])
+        loss, right, count = d.all_reduce(local).tolist()
+        return {"loss_sum": before["loss_sum"] + loss, "correct": before["correct"] + round(right),
+                "seen": before["seen"] + round(count), "seconds": before["seconds"] + time.perf_counter() - self.start}
+
+
+class EMA:
+    """Exponential moving average of a model's weights and buffers (timm's ModelEmaV2):
+    ``ema = decay * ema + (1 - decay) * model`` after every optimizer step."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        new = model.state_dict()
+        for name, e in self.module.state_dict().items():
+            if e.is_floating_point():
+                e.lerp_(new[name], 1.0 - self.decay)
+            else:  # BatchNorm's num_batches_tracked
+                e.copy_(new[name])
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # the model inside torch.compile's wrapper
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in _unwrapped(model).state_dict().items()}
+
+
+def training_checkpoint(
+    model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+    train_config: Any, progress: Progress, epoch_stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full training state as plain containers and tensors; ``epoch_stats`` replaces
+    ``progress.epoch_stats`` mid-epoch. ``model`` and ``config`` make it a model checkpoint too."""
+    return {
+        "model": cpu_state(model),
+        "config": _unwrapped(model).config.to_dict(),
+        "train_config": dataclasses.asdict(train_config),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ema": cpu_state(ema.module) if ema is not None else None,
+        "epoch": progress.epoch,
+        "step": progress.step,
+        "epoch_step": progress.epoch_step,
+        "best_top1": progress.best_top1,
+        "history": progress.history,
+        "epoch_stats": progress.epoch_stats if epoch_stats is None else epoch_stats,
+        "rng": rng_state(),  # rank 0's; every stream is re-derived from the seed anyway
+    }
+
+
+def best_checkpoint(model: nn.Module, train_config: Any, epoch: int, row: dict[str, Any]) -> dict[str, Any]:
+    """The weights just validated, with their config, the run's options and the epoch's metrics."""
+    return {"model": cpu_state(model), "config": _unwrapped(model).config.to_dict(),
+            "train_config": dataclasses.asdict(train_config), "epoch": epoch, "metrics": row}
+
+
+def restore(state: dict[str, Any], model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer,
+            scheduler: Any, scaler: torch.amp.GradScaler) -> Progress:
+    """Put a ``training_checkpoint`` back into these objects and the RNGs; returns its progress."""
+    model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.module.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return Progress(state["epoch"], state["step"], state["epoch_step"], state["best_top1"], state["history"],
+                    state["epoch_stats"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_save(lambda tmp: torch.save(state, tmp), path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, with one-line errors for a missing or unreadable file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint to resume from (start without --resume, or pass the run's --output)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read the training checkpoint ({reason})") from None
+
+
+def start_run_folder(out: Path, train_config: Any) -> None:
+    """A fresh run: remove what an earlier run in the same folder wrote, then save the options."""
+    old = [name for name in RUN_FILES if (out / name).exists()]
+    if old:
+        logger.warning("%s holds an earlier run (%s); starting a new one over it (--resume continues the old one)",
+                       out, ", ".join(old))
+        for name in old:
+            (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(train_config), indent=2) + "\n")
+
+
+def describe_run(cfg: Any, splits: DataSplits, model: nn.Module, world_size: int, steps_per_epoch: int) -> str:
+    """The first log lines of a run (``cfg``: its TrainConfig): data, model, optimizer, output."""
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    arch = cfg.model or f"the architecture of {cfg.weights}"
+    per_process = cfg.batch_size // world_size // cfg.accum_steps
+    extras = [name for name, on in (("EMA", cfg.ema_decay > 0), ("compile", cfg.compile), ("deterministic", cfg.deterministic),
+                                    (f"amp {cfg.amp}", cfg.amp != "none"), (f"clip {cfg.clip_grad}", cfg.clip_grad > 0)) if on]
+    return "\n".join([
+        f"data: {describe(splits)}",
+        f"model: {arch}{' from ' + cfg.weights if cfg.weights and cfg.model else ''}, {params:,} parameters, "
+        f"{cfg.image_size}x{cfg.image_size} input, recipe {cfg.recipe}",
+        f"optimizer: AdamW lr {cfg.lr:.3g} (global batch {cfg.batch_size} = {world_size} process(es) x {per_process} "
+        f"x {cfg.accum_steps} accumulation), weight decay {cfg.weight_decay}, cosine to {cfg.min_lr:g} after "
+        f"{cfg.warmup_epochs:g} warm-up epoch(s); {cfg.epochs} epoch(s) of {steps_per_epoch} steps"
+        + (f"; {', '.join(extras)}" if extras else ""),
+        f"output: {cfg.output}",
+    ])
+
+
+def epoch_line(row: dict[str, Any], epochs: int, k: int) -> str:
+    """The log line of a metrics row (``k``: the top-k of ``val_top5``)."""
+    return (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} top-1 {100 * row['train_top1']:.2f} %  "
+            f"val loss {row['val_loss']:.4f} top-1 {100 * row['val_top1']:.2f} % top-{k} {100 * row['val_top5']:.2f} %  "
+            f"lr {row['lr']:.2e}  {row['images_per_sec']:.0f} img/s  {row['epoch_seconds']:.1f} s")
+
+
+def run_summary(history: list[dict[str, Any]], out: Path) -> str:
+    """The last log line of a run: where the final model is, and the best epoch."""
+    best = max(history, key=lambda r: r["val_top1"])
+    return (f"done: {out}/model.safetensors (epoch {history[-1]['epoch']}, val top-1 {100 * history[-1]['val_top1']:.2f} %); "
+            f"best val top-1 {100 * best['val_top1']:.2f} % at epoch {best['epoch']} in {out}/best.pt; "
+            f"learning curves: {out}/learning_curves.png")
+
+
+def write_metrics(history: list[dict[str, Any]], out: Path) -> None:
+    """``metrics.jsonl`` and ``metrics.csv`` rewritten from the whole history (resume-safe) and the
+    learning-curve PNG redrawn."""
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(out / "metrics.csv", buffer.getvalue())
+    plot_learning_curves(history, out / "learning_curves.png")
