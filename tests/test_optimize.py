@@ -214,16 +214,6 @@ def test_probe_says_no_when_the_op_fails(monkeypatch):
     assert probe() is False
 
 
-def test_private_torch_apis_only_in_fastpath():
-    """Backend-private ops (torch.ops.mkldnn, ...) and torch._C are named in one module; ATen ops are public."""
-    import re
-    from pathlib import Path
-
-    private = re.compile(r"torch\.ops\.(?!aten\.)|torch\._C\b")
-    sources = Path(torchcvt.__file__).parent.glob("*.py")
-    assert sorted(p.name for p in sources if private.search(p.read_text())) == ["fastpath.py"]
-
-
 def test_flop_counter_sees_plain_linears():
     """Under a dispatch mode (FLOP counting, fake tensors) the linear is plain aten: 2*N*in*out FLOPs."""
     layer = OneDNNLinear(24, 40).eval()

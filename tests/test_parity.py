@@ -92,7 +92,7 @@ def test_official_key_layout_matches_reference_lists():
 def test_official_pth_gives_same_numbers(reference, tmp_path, name):
     hf_model, _ = reference(name)
     state = {official_name(k): v for k, v in hf_model.state_dict().items()}
-    path = tmp_path / f"CvT-x-224x224-IN-1k.pth"
+    path = tmp_path / "CvT-x-224x224-IN-1k.pth"
     torch.save(state, path)
     if name == "tiny":  # heads leave no trace in the tensors: the layout must be given
         layout = {k: v for k, v in REFERENCE_LAYOUTS["tiny"].items() if k != "num_labels"}

@@ -10,9 +10,7 @@ The entries' numbers themselves are checked against the model zoos in test_infer
 
 from __future__ import annotations
 
-import ast
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -247,46 +245,3 @@ def test_transformers_folder_takes_its_image_size_from_the_preprocessor_config(r
     assert model.config.image_size == 384 and preprocess_config_of(model) == PreprocessConfig.for_resolution(384)
     layout = torchcvt.CvTConfig(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 2, 3), num_classes=7)
     assert create_model(layout, weights=str(tmp_path)).config.image_size == 384  # a given layout keeps the stated size
-
-
-# --------------------------------------------------------------------------------- module layout
-def _module(path: Path) -> str:
-    """A node of the import graph: a top-level module, or a subpackage as a whole (``augment``)."""
-    return path.relative_to(SRC).parts[0].removesuffix(".py")
-
-
-def _imports(path: Path) -> set[str]:
-    """torchcvt modules (graph nodes) a file imports, at the top or inside functions."""
-    package = ["torchcvt", *path.relative_to(SRC).parts[:-1]]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
-            else:
-                base = (node.module or "").split(".")
-            if base[0] != "torchcvt":
-                continue
-            found |= {base[1]} if len(base) > 1 else {a.name for a in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("torchcvt.")}
-    return found
-
-
-def test_no_import_cycles_and_one_home_for_hub_ids():
-    graph: dict[str, set[str]] = {}
-    for path in SRC.rglob("*.py"):
-        node = _module(path)
-        if node not in ("__init__", "__main__"):
-            graph.setdefault(node, set()).update(_imports(path) - {node})
-
-    def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))
-
-    cycles = sorted(m for m in graph if reaches(m, m, {m}))
-    assert cycles == [], f"modules on an import cycle (lazy imports included): {cycles}"
-    assert not reaches("checkpoint", "model", set()) and not reaches("checkpoint", "pretrained", set())
-    assert graph["model"] <= {"config", "errors"}  # the fast path is a layer on top (fastpath.py), not inside
-    # The public hub ids are written in the registry alone.
-    holders = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if re.search(r"microsoft/cvt", p.read_text())]
-    assert holders == ["pretrained.py"]

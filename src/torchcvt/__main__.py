@@ -1,3 +1,5 @@
+"""``python -m torchcvt``: the same as the ``cvt`` command."""
+
 import sys
 
 from .cli import main

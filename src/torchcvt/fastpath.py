@@ -298,7 +298,6 @@ class FusedAttention(nn.Module):
 
     def __init__(self, attn: Attention, method: str) -> None:
         super().__init__()
-        C = attn.proj.in_features
         self.num_heads = attn.num_heads
         self.with_cls_token = attn.with_cls_token
         self.method = method

@@ -22,7 +22,6 @@ The image size of a checkpoint comes from the registry for the public hub ids, e
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
