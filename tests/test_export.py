@@ -15,7 +15,7 @@ import torch
 import torchcvt
 from torchcvt.cli import main
 from torchcvt.export import export_onnx, export_program, min_dynamic_side
-from torchcvt.fastpath import OneDNNLinear, optimize_for_inference
+from torchcvt.fastpath import OneDNNLinear, fuse_for_inference
 from torchcvt.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 TOL = 1e-4
@@ -44,7 +44,7 @@ def test_onnx_dynamic_tiny(reference, tmp_path, optimized):
     model = torchcvt.create_model(weights=str(directory))
     assert isinstance(model.stages[0].blocks[0].mlp.fc1, OneDNNLinear)  # the fast path falls back to ATen ops while exporting
     if optimized:  # folded BatchNorm and fused linears export too (plain ATen ops while exporting)
-        model = optimize_for_inference(model)
+        model = fuse_for_inference(model)
     path = export_onnx(model, tmp_path / "tiny.onnx", image_size=64)
     check_onnx(hf_model, path, [(1, 3, 64, 64), (4, 3, 64, 64), (4, 3, 96, 80)])
 

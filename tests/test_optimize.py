@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import torchcvt
 from torchcvt import CvT, CvTConfig, apply_fast_path, remove_fast_path
 from torchcvt import fastpath
-from torchcvt.fastpath import FusedBlock, OneDNNLinear, OneDNNMlp, onednn_available, optimize_for_inference, use_onednn
+from torchcvt.fastpath import FusedBlock, OneDNNLinear, OneDNNMlp, onednn_available, fuse_for_inference, use_onednn
 from torchcvt.model import Mlp
 
 from conftest import randomize_norms
@@ -72,7 +72,7 @@ def test_hooked_and_subclassed_linears_are_left_alone():
 @pytest.mark.parametrize("name", ["tiny", "cvt-13"])
 def test_optimized_matches_transformers(reference, name):
     hf_model, directory = reference(name)
-    model = optimize_for_inference(torchcvt.create_model(weights=str(directory)))
+    model = fuse_for_inference(torchcvt.create_model(weights=str(directory)))
     assert all(isinstance(b, FusedBlock) for s in model.stages for b in s.blocks)
     for i, shape in enumerate(SHAPES if name == "tiny" else SHAPES[1:3]):
         compare(hf_model, model, shape, seed=i)  # logits, every stage's features, forward_head
@@ -103,7 +103,7 @@ def test_fused_block_matches_official_formulation(method, with_cls, act):
     with torch.no_grad():
         for p in model.parameters():  # biases too: a dropped or doubled bias must show
             p.add_(0.02 * torch.randn_like(p))
-    fused = optimize_for_inference(model).stages[2].blocks[1]
+    fused = fuse_for_inference(model).stages[2].blocks[1]
     block = model.stages[2].blocks[1]
     for h, w in [(5, 7), (4, 4)]:
         x = torch.randn(3, h * w + int(with_cls), 48)
@@ -114,7 +114,7 @@ def test_fused_block_matches_official_formulation(method, with_cls, act):
 
 def test_optimized_model_api_and_errors():
     model = CvT(config=tiny(hidden_act="quick_gelu")).eval()
-    optimized = optimize_for_inference(model)
+    optimized = fuse_for_inference(model)
     assert optimized is not model and isinstance(model.stages[0].blocks[0], torchcvt.model.Block)  # the original is untouched
     assert not any(p.requires_grad for p in optimized.parameters())
     x = torch.randn(2, 3, 64, 64)
@@ -124,7 +124,7 @@ def test_optimized_model_api_and_errors():
     with pytest.raises(RuntimeError, match="inference-only"):
         optimized.train()
     with pytest.raises(TypeError, match="torchcvt CvT"):
-        optimize_for_inference(torch.nn.Linear(2, 2))
+        fuse_for_inference(torch.nn.Linear(2, 2))
 
 
 def test_onednn_linear_gradients_match_f_linear():
@@ -190,7 +190,7 @@ def test_fallback_without_the_op_gives_the_same_numbers(monkeypatch):
     torch.manual_seed(6)
     model = apply_fast_path(CvT(config=tiny(hidden_act="gelu")).eval())
     randomize_norms(model)
-    optimized = optimize_for_inference(model)
+    optimized = fuse_for_inference(model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         fast, fast_optimized = model(x), optimized(x)

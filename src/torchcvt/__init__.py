@@ -8,10 +8,11 @@ from .checkpoint import read_checkpoint, save_pretrained
 from .pretrained import create_model, get_pretrained_cfg, list_models, load_model, load_pretrained, preset_config
 from .summary import summary
 from .inference import Classifier
-from .fastpath import apply_fast_path, optimize_for_inference, remove_fast_path
+from .fastpath import apply_fast_path, remove_fast_path
+from .backends import available_backends, optimize_for_inference
 
 __all__ = [
     "__version__", "CvT", "CvTConfig", "Classifier", "optimize_for_inference", "create_model", "list_models", "preset_config",
-    "get_pretrained_cfg", "load_model", "load_pretrained", "read_checkpoint", "save_pretrained", "summary",
+    "available_backends", "get_pretrained_cfg", "load_model", "load_pretrained", "read_checkpoint", "save_pretrained", "summary",
     "TorchCvTError", "ConfigError", "CheckpointError", "ImageError", "DataError", "apply_fast_path", "remove_fast_path",
 ]

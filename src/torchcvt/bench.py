@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .config import CvTConfig
 from .errors import ConfigError, TorchCvTError
-from .fastpath import apply_fast_path, onednn_available, onednn_linear, optimize_for_inference, remove_fast_path
+from .fastpath import apply_fast_path, onednn_available, onednn_linear, fuse_for_inference, remove_fast_path
 
 TOLERANCE = 1e-4
 
@@ -184,7 +184,7 @@ def _memory_child(kind: str, case: str, directory: str, batch: int, image_size: 
         model = load_model(directory).eval()
         model = remove_fast_path(model) if kind == "plain" else apply_fast_path(model)
         if kind == "optimized":
-            model = optimize_for_inference(model)
+            model = fuse_for_inference(model)
     x = torch.randn(batch, 3, image_size, image_size)
     if case == "train":
         y = torch.randint(0, model.config.num_labels if kind == "transformers" else model.num_classes, (batch,))
@@ -312,7 +312,7 @@ def run_benchmark(
         ours = apply_fast_path(copy.deepcopy(plain))
         size = ours.config.image_size
         models: dict[str, torch.nn.Module] = {
-            "transformers": theirs, "torchcvt plain": plain, "torchcvt": ours, "torchcvt optimized": optimize_for_inference(ours),
+            "transformers": theirs, "torchcvt plain": plain, "torchcvt": ours, "torchcvt optimized": fuse_for_inference(ours),
         }
         gflop_per_image = 2 * summary(ours, size).macs / 1e9
 

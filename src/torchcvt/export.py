@@ -54,10 +54,13 @@ def min_dynamic_side(config: CvTConfig) -> int:
         side += 1
 
 
-def _dynamic_shapes(model: torch.nn.Module) -> dict[str, dict[int, torch.export.Dim]]:
+def _dynamic_shapes(model: torch.nn.Module, *, batch_only: bool = False) -> dict[str, dict[int, torch.export.Dim]]:
     Dim = torch.export.Dim
+    batch = Dim("batch", min=1, max=4096)
+    if batch_only:
+        return {"x": {0: batch}}
     side = min_dynamic_side(model.config)
-    return {"x": {0: Dim("batch", min=1, max=4096), 2: Dim("height", min=side, max=8192), 3: Dim("width", min=side, max=8192)}}
+    return {"x": {0: batch, 2: Dim("height", min=side, max=8192), 3: Dim("width", min=side, max=8192)}}
 
 
 def check_shapes(dynamic: bool, image_size: int) -> list[tuple[int, int, int]]:
@@ -66,16 +69,18 @@ def check_shapes(dynamic: bool, image_size: int) -> list[tuple[int, int, int]]:
     return [(1, s, s), (3, s + 64, s + 32)] if dynamic else [(1, s, s)]
 
 
-def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, image_size: int | None = None,
-                dynamic: bool = True, opset: int | None = None) -> Path:
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
+                dynamic: bool | str = True, opset: int | None = None) -> Path:
     """Write ``model`` (eval mode) as one self-contained ONNX file, weights included (dynamo exporter).
 
-    ``dynamic``: free batch, height and width; otherwise fixed at ``[1, C, image_size, image_size]``.
+    ``dynamic``: True, free batch, height and width; ``"batch"``: free batch at a fixed
+    ``image_size`` (an int, or ``(height, width)``); False: fixed at ``[1, C, height, width]``.
     """
     path = Path(path)
     model = model.eval()
     size = image_size or model.config.image_size
-    x = _example_input(model, 2 if dynamic else 1, size, size)
+    height, width = (size, size) if isinstance(size, int) else size
+    x = _example_input(model, 2 if dynamic else 1, height, width)
     names = dict(input_names=["pixel_values"], output_names=["logits"])
 
     def write(tmp: str) -> None:
@@ -83,7 +88,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, image_size: 
             warnings.simplefilter("ignore")
             try:
                 program = torch.onnx.export(
-                    model, (x,), None, dynamo=True, dynamic_shapes=_dynamic_shapes(model) if dynamic else None,
+                    model, (x,), None, dynamo=True, dynamic_shapes=_dynamic_shapes(model, batch_only=dynamic == "batch") if dynamic else None,
                     opset_version=opset, verbose=False, **names,
                 )
             except Exception as exc:
@@ -170,7 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--dynamic", action="store_true", help="free batch size, height and width (default: fixed 1 x image size)")
     parser.add_argument("--image-size", type=int, default=None, help="example / fixed input side (default: the model's)")
-    parser.add_argument("--optimized", action="store_true", help="export optimize_for_inference(model) (folded BatchNorm, fused k/v)")
+    parser.add_argument("--optimized", action="store_true", help="export fuse_for_inference(model) (BatchNorm and scale folded, fused epilogues)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"largest accepted difference from PyTorch (default {TOLERANCE})")
 
 
@@ -201,9 +206,9 @@ def run(args: argparse.Namespace) -> int:
     size = _export_size(args, model.config)
     preprocess = preprocess_config_of(model)
     if args.optimized:
-        from .fastpath import optimize_for_inference
+        from .fastpath import fuse_for_inference
 
-        model = optimize_for_inference(model)
+        model = fuse_for_inference(model)
     output = Path(args.output)
     if args.format == "onnx":
         export_onnx(model, output, image_size=size, dynamic=args.dynamic, opset=args.opset)

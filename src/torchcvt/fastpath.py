@@ -8,7 +8,7 @@ can be taken off again, and is the only module of torchcvt that names private to
   every ``Mlp`` for ``OneDNNMlp``: same parameters, same state dict, same numbers (fp32 rounding
   aside), training included. ``remove_fast_path(model)`` swaps them back. ``create_model`` and
   ``load_model`` return fast models; a ``CvT(...)`` built directly is the plain model.
-* ``optimize_for_inference(model)``: an eval-only copy with BatchNorm and the attention scale
+* ``fuse_for_inference(model)``: an eval-only copy with BatchNorm and the attention scale
   folded, shared-input projections merged and activations and residual adds fused into the GEMMs.
 
 Why: PyTorch sends fp32 CPU matrix products to MKL; on some CPUs (AMD's among them) oneDNN's
@@ -396,12 +396,12 @@ class FusedBlock(nn.Module):
 
     def train(self, mode: bool = True) -> "FusedBlock":
         if mode:
-            raise RuntimeError("a model from optimize_for_inference is inference-only: train the original CvT")
+            raise RuntimeError("a model from fuse_for_inference is inference-only: train the original CvT")
         return super().train(False)
 
 
 @torch.no_grad()
-def optimize_for_inference(model: CvT) -> CvT:
+def fuse_for_inference(model: CvT) -> CvT:
     """A copy of ``model`` for fast inference: same logits within 1e-4, eval-only.
 
     The copy keeps CvT's methods (``forward``, ``forward_features``, ``forward_intermediates``,
@@ -412,7 +412,7 @@ def optimize_for_inference(model: CvT) -> CvT:
     (``F.linear``, ``F.gelu``, adds), so the copy also exports to ONNX and torch.export.
     """
     if not isinstance(model, CvT):
-        raise TypeError(f"optimize_for_inference expects a torchcvt CvT, got {type(model).__name__}")
+        raise TypeError(f"fuse_for_inference expects a torchcvt CvT, got {type(model).__name__}")
     opt = copy.deepcopy(model).eval()
     config = model.config
     for i, stage in enumerate(opt.stages):
