@@ -292,8 +292,8 @@ def _is_torch_file(path: Path, head: bytes) -> bool:
         try:
             with zipfile.ZipFile(path) as archive:
                 return any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist())
-        except (zipfile.BadZipFile, OSError):
-            return False
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(f"{path}: a truncated or damaged zip file, as torch.save writes them ({exc})") from None
     return head[:1] == b"\x80"
 
 
