@@ -111,10 +111,13 @@ def workspace(tmp_path, monkeypatch):
     out.mkdir()
     (out / "model.onnx").write_bytes(b"an earlier, good export")
     (out / "model.onnx.json").write_text('{"earlier": true}\n')
+    (out / "model.pt2").write_bytes(b"an earlier program")
     (out / "results.jsonl").write_text('{"path": "earlier"}\n')
     (out / "att.png").write_bytes(b"an earlier picture")
     (out / "adir").mkdir()
     (out / "side.onnx.json").mkdir()  # the description of side.onnx would land on a directory
+    if Path("/dev/full").is_char_device():  # a file on a full disk: every write fails with ENOSPC
+        (out / "full.jsonl").symlink_to("/dev/full")
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     return tmp_path
@@ -163,6 +166,7 @@ CASES = [
     ("predict-output-missing-folder", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ws}/nope/r.jsonl"], 1, "--output {ws}/nope/r.jsonl: folder {ws}/nope does not exist"),
     ("predict-output-directory", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ws}/out/adir"], 1, "--output {ws}/out/adir: is a directory"),
     ("predict-output-read-only", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ro}/r.jsonl"], 1, "--output {ro}/r.jsonl: cannot write in folder {ro}"),
+    ("predict-output-full-disk", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ws}/out/full.jsonl"], 1, "no space left on device writing {ws}/out/full.jsonl; it holds the results of the first 0 image(s)"),
     ("predict-image-over-limit", [P, "{fx}/huge.png", "--weights", "{fx}/ckpt"], 1, "huge.png: refused before decoding: 10000x9000 = 90,000,000 pixels, over the limit of 89,478,485"),
     ("predict-image-past-pillow-refusal", [P, "{fx}/bomb.png", "--weights", "{fx}/ckpt"], 1, "bomb.png: refused before decoding: over 178,956,970 pixels"),
     ("predict-lower-max-pixels", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--max-pixels", "100"], 1, "ok.png: refused before decoding: 40x30 = 1,200 pixels, over the limit of 100"),
@@ -192,7 +196,7 @@ CASES = [
     ("export-nothing-to-export", [X, "--format", "onnx", "--output", "{ws}/out/model.onnx"], 1, "pass --weights"),
     ("export-malicious-pickle", [X, "--weights", "{fx}/evil.pth", "--format", "onnx", "--output", "{ws}/out/model.onnx"], 1, "could run arbitrary code"),
     ("export-image-size-too-small", [X, "--weights", "{fx}/ckpt", "--format", "onnx", "--output", "{ws}/out/model.onnx", "--image-size", "2"], 1, "--image-size 2"),
-    ("export-check-fails", [X, "--weights", "{fx}/ckpt", "--format", "pt2", "--output", "{ws}/out/model.onnx", "--tolerance", "-1"], 1, "the exported model differs from PyTorch"),
+    ("export-check-fails", [X, "--weights", "{fx}/ckpt", "--format", "pt2", "--output", "{ws}/out/model.pt2", "--tolerance", "-1"], 1, "the exported model differs from PyTorch"),
     # ---- attention
     ("attention-output-missing-folder", [A, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ws}/nope/a.png"], 1, "--output {ws}/nope/a.png: folder {ws}/nope does not exist"),
     ("attention-output-directory", [A, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ws}/out/adir"], 1, "--output {ws}/out/adir: is a directory"),
@@ -216,6 +220,8 @@ CASES = [
 def test_bad_input_is_one_line_and_changes_nothing(fx, workspace, capsys, argv, code, expected):
     fill = {"fx": str(fx), "ws": str(workspace), "ro": str(workspace / "ro")}
     undo = None
+    if "full" in " ".join(argv) and not (workspace / "out" / "full.jsonl").is_symlink():
+        pytest.skip("needs /dev/full")
     if any("{ro}" in a for a in argv):
         (workspace / "ro").mkdir()
         (workspace / "ro" / "model.onnx").write_bytes(b"an export in a read-only folder")

@@ -419,7 +419,10 @@ def run(args: argparse.Namespace) -> int:
                             f"the first {done} image(s)") from None
     finally:
         if stream is not sys.stdout:
-            stream.close()
+            try:
+                stream.close()
+            except OSError:  # each batch was flushed: only a write that already failed can fail again here
+                pass
     if skipped:
         print(f"classified {done} image(s); skipped {skipped} unreadable file(s) or path(s)", file=sys.stderr)
     if done == 0:
