@@ -145,39 +145,53 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
 
 
 P, E, A, X = "predict", "eval", "attention", "export"
+
+
+def predict(*options: str, weights: str = "{fx}/ckpt", image: str = "{fx}/ok.png") -> list[str]:
+    return [P, image, "--weights", weights, *options]
+
+
+def export(output: str, *options: str, fmt: str = "onnx", weights: str = "{fx}/ckpt") -> list[str]:
+    return [X, "--weights", weights, "--format", fmt, "--output", output, *options]
+
+
+def attention(output: str, *options: str, weights: str = "{fx}/ckpt", image: str = "{fx}/ok.png") -> list[str]:
+    return [A, image, "--weights", weights, "--output", output, *options]
+
+
 CASES = [
     # ---- weights that are no checkpoint, or not one to trust
-    ("weights-csv", [P, "{fx}/ok.png", "--weights", "{fx}/weights.csv"], 1, "weights.csv: not a checkpoint: a text file"),
-    ("weights-text-named-pth", [P, "{fx}/ok.png", "--weights", "{fx}/notes.pth"], 1, "notes.pth: not a checkpoint: a text file"),
-    ("weights-random-bytes", [P, "{fx}/ok.png", "--weights", "{fx}/random.bin"], 1, "random.bin: not a checkpoint: binary data"),
-    ("weights-empty", [P, "{fx}/ok.png", "--weights", "{fx}/empty.pt"], 1, "empty.pt: empty file, not a checkpoint"),
-    ("weights-zip-not-torch", [P, "{fx}/ok.png", "--weights", "{fx}/archive.pt"], 1, "archive.pt: not a checkpoint: a zip archive"),
-    ("weights-truncated-torch", [P, "{fx}/ok.png", "--weights", "{fx}/truncated.pt"], 1, "truncated.pt: a truncated or damaged zip"),
-    ("safetensors-bad-header", [P, "{fx}/ok.png", "--weights", "{fx}/header.safetensors"], 1, "header.safetensors: not a safetensors file"),
-    ("safetensors-damaged", [P, "{fx}/ok.png", "--weights", "{fx}/damaged.safetensors"], 1, "damaged.safetensors: a damaged safetensors file"),
-    ("weights-malicious-pickle", [P, "{fx}/ok.png", "--weights", "{fx}/evil.pth"], 1, "unpickling them could run arbitrary code"),
-    ("weights-nan", [P, "{fx}/ok.png", "--weights", "{fx}/nan.safetensors"], 1, "1 tensor(s) hold NaN or infinite values (stages.1.blocks.0.mlp.fc1.weight)"),
-    ("weights-inf", [P, "{fx}/ok.png", "--weights", "{fx}/inf.pt"], 1, "inf.pt: 1 tensor(s) hold NaN or infinite values (head.bias)"),
-    ("weights-other-network", [P, "{fx}/ok.png", "--weights", "{fx}/other.pth"], 1, "not a CvT state dict"),
-    ("weights-folder-without-weights", [P, "{fx}/ok.png", "--weights", "{fx}/no-weights"], 1, "expected model.safetensors or pytorch_model.bin"),
-    ("weights-broken-config", [P, "{fx}/ok.png", "--weights", "{fx}/bad-config"], 1, "config.json: invalid JSON"),
-    ("weights-unknown-name", [P, "{fx}/ok.png", "--weights", "cvt-99"], 1, "unknown weights 'cvt-99'"),
+    ("weights-csv", predict(weights="{fx}/weights.csv"), 1, "weights.csv: not a checkpoint: a text file"),
+    ("weights-text-named-pth", predict(weights="{fx}/notes.pth"), 1, "notes.pth: not a checkpoint: a text file"),
+    ("weights-random-bytes", predict(weights="{fx}/random.bin"), 1, "random.bin: not a checkpoint: binary data"),
+    ("weights-empty", predict(weights="{fx}/empty.pt"), 1, "empty.pt: empty file, not a checkpoint"),
+    ("weights-zip-not-torch", predict(weights="{fx}/archive.pt"), 1, "archive.pt: not a checkpoint: a zip archive"),
+    ("weights-truncated-torch", predict(weights="{fx}/truncated.pt"), 1, "truncated.pt: a truncated or damaged zip"),
+    ("safetensors-bad-header", predict(weights="{fx}/header.safetensors"), 1, "header.safetensors: not a safetensors file"),
+    ("safetensors-damaged", predict(weights="{fx}/damaged.safetensors"), 1, "damaged.safetensors: a damaged safetensors file"),
+    ("weights-malicious-pickle", predict(weights="{fx}/evil.pth"), 1, "unpickling them could run arbitrary code"),
+    ("weights-nan", predict(weights="{fx}/nan.safetensors"), 1, "1 tensor(s) hold NaN or infinite values (stages.1.blocks.0.mlp.fc1.weight)"),
+    ("weights-inf", predict(weights="{fx}/inf.pt"), 1, "inf.pt: 1 tensor(s) hold NaN or infinite values (head.bias)"),
+    ("weights-other-network", predict(weights="{fx}/other.pth"), 1, "not a CvT state dict"),
+    ("weights-folder-without-weights", predict(weights="{fx}/no-weights"), 1, "expected model.safetensors or pytorch_model.bin"),
+    ("weights-broken-config", predict(weights="{fx}/bad-config"), 1, "config.json: invalid JSON"),
+    ("weights-unknown-name", predict(weights="cvt-99"), 1, "unknown weights 'cvt-99'"),
     # ---- predict: outputs, images, options
-    ("predict-output-missing-folder", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ws}/nope/r.jsonl"], 1, "--output {ws}/nope/r.jsonl: folder {ws}/nope does not exist"),
-    ("predict-output-directory", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ws}/out/adir"], 1, "--output {ws}/out/adir: is a directory"),
-    ("predict-output-read-only", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ro}/r.jsonl"], 1, "--output {ro}/r.jsonl: cannot write in folder {ro}"),
-    ("predict-output-full-disk", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ws}/out/full.jsonl"], 1, "no space left on device writing {ws}/out/full.jsonl; it holds the results of the first 0 image(s)"),
-    ("predict-image-over-limit", [P, "{fx}/huge.png", "--weights", "{fx}/ckpt"], 1, "huge.png: refused before decoding: 10000x9000 = 90,000,000 pixels, over the limit of 89,478,485"),
-    ("predict-image-past-pillow-refusal", [P, "{fx}/bomb.png", "--weights", "{fx}/ckpt"], 1, "bomb.png: refused before decoding: over 178,956,970 pixels"),
-    ("predict-lower-max-pixels", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--max-pixels", "100"], 1, "ok.png: refused before decoding: 40x30 = 1,200 pixels, over the limit of 100"),
-    ("predict-corrupt-image", [P, "{fx}/corrupt.png", "--weights", "{fx}/ckpt"], 1, "corrupt.png: cannot read image"),
-    ("predict-text-named-png", [P, "{fx}/text.png", "--weights", "{fx}/ckpt"], 1, "text.png: cannot read image: not an image"),
-    ("predict-missing-input", [P, "{ws}/missing.png", "--weights", "{fx}/ckpt"], 1, "missing.png: no such file or directory"),
-    ("predict-top-k-zero", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--top-k", "0"], 1, "--top-k must be >= 1"),
-    ("predict-max-pixels-negative", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--max-pixels", "-1"], 2, "--max-pixels: must be >= 0"),
-    ("predict-max-pixels-not-a-number", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--max-pixels", "lots"], 2, "--max-pixels: expected a whole number"),
-    ("predict-float16-on-cpu", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--dtype", "float16", "--device", "cpu"], 1, "float16 needs a CUDA device"),
-    ("predict-bad-device", [P, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--device", "toaster"], 1, "'toaster' is not a torch device"),
+    ("predict-output-missing-folder", predict("--output", "{ws}/nope/r.jsonl"), 1, "--output {ws}/nope/r.jsonl: folder {ws}/nope does not exist"),
+    ("predict-output-directory", predict("--output", "{ws}/out/adir"), 1, "--output {ws}/out/adir: is a directory"),
+    ("predict-output-read-only", predict("--output", "{ro}/r.jsonl"), 1, "--output {ro}/r.jsonl: cannot write in folder {ro}"),
+    ("predict-output-full-disk", predict("--output", "{ws}/out/full.jsonl"), 1, "no space left on device writing {ws}/out/full.jsonl; it holds the results of the first 0 image(s)"),
+    ("predict-image-over-limit", predict(image="{fx}/huge.png"), 1, "huge.png: refused before decoding: 10000x9000 = 90,000,000 pixels, over the limit of 89,478,485"),
+    ("predict-image-past-pillow-refusal", predict(image="{fx}/bomb.png"), 1, "bomb.png: refused before decoding: over 178,956,970 pixels"),
+    ("predict-lower-max-pixels", predict("--max-pixels", "100"), 1, "ok.png: refused before decoding: 40x30 = 1,200 pixels, over the limit of 100"),
+    ("predict-corrupt-image", predict(image="{fx}/corrupt.png"), 1, "corrupt.png: cannot read image"),
+    ("predict-text-named-png", predict(image="{fx}/text.png"), 1, "text.png: cannot read image: not an image"),
+    ("predict-missing-input", predict(image="{ws}/missing.png"), 1, "missing.png: no such file or directory"),
+    ("predict-top-k-zero", predict("--top-k", "0"), 1, "--top-k must be >= 1"),
+    ("predict-max-pixels-negative", predict("--max-pixels", "-1"), 2, "--max-pixels: must be >= 0"),
+    ("predict-max-pixels-not-a-number", predict("--max-pixels", "lots"), 2, "--max-pixels: expected a whole number"),
+    ("predict-float16-on-cpu", predict("--dtype", "float16", "--device", "cpu"), 1, "float16 needs a CUDA device"),
+    ("predict-bad-device", predict("--device", "toaster"), 1, "'toaster' is not a torch device"),
     # ---- eval
     ("eval-data-missing", [E, "--weights", "{fx}/ckpt", "--data", "{ws}/no-data"], 1, "data not found: {ws}/no-data"),
     ("eval-output-missing-folder", [E, "--weights", "{fx}/ckpt", "--data", "{fx}/data", "--output", "{ws}/nope/cm.png"], 1, "--output {ws}/nope/cm.png: folder {ws}/nope does not exist"),
@@ -186,24 +200,24 @@ CASES = [
     ("eval-batch-size-zero", [E, "--weights", "{fx}/ckpt", "--data", "{fx}/data", "--batch-size", "0"], 1, "--batch-size must be >= 1"),
     ("eval-one-class", [E, "--weights", "{fx}/ckpt", "--data", "{fx}/one-class", "--output", "{ws}/out/cm.png"], 1, "found 1 class"),
     # ---- export
-    ("export-opset-too-low", [X, "--weights", "{fx}/ckpt", "--format", "onnx", "--output", "{ws}/out/model.onnx", "--opset", "3"], 1, "--opset 3: not available here; opsets that export CvT exactly and run in onnxruntime here: 18 to 25"),
-    ("export-opset-too-high", [X, "--weights", "{fx}/ckpt", "--format", "onnx", "--output", "{ws}/out/model.onnx", "--opset", "99"], 1, "--opset 99: not available here"),
-    ("export-opset-with-pt2", [X, "--weights", "{fx}/ckpt", "--format", "pt2", "--output", "{ws}/out/m.pt2", "--opset", "18"], 1, "--opset applies to --format onnx only"),
-    ("export-output-read-only", [X, "--weights", "{fx}/ckpt", "--format", "onnx", "--output", "{ro}/model.onnx"], 1, "--output {ro}/model.onnx: cannot write in folder {ro}"),
-    ("export-output-missing-folder", [X, "--weights", "{fx}/ckpt", "--format", "onnx", "--output", "{ws}/nope/m.onnx"], 1, "--output {ws}/nope/m.onnx: folder {ws}/nope does not exist"),
-    ("export-output-directory", [X, "--weights", "{fx}/ckpt", "--format", "onnx", "--output", "{ws}/out/adir"], 1, "--output {ws}/out/adir: is a directory"),
-    ("export-sidecar-directory", [X, "--weights", "{fx}/ckpt", "--format", "onnx", "--output", "{ws}/out/side.onnx"], 1, "its description {ws}/out/side.onnx.json is a directory"),
+    ("export-opset-too-low", export("{ws}/out/model.onnx", "--opset", "3"), 1, "--opset 3: not available here; opsets that export CvT exactly and run in onnxruntime here: 18 to 25"),
+    ("export-opset-too-high", export("{ws}/out/model.onnx", "--opset", "99"), 1, "--opset 99: not available here"),
+    ("export-opset-with-pt2", export("{ws}/out/m.pt2", "--opset", "18", fmt="pt2"), 1, "--opset applies to --format onnx only"),
+    ("export-output-read-only", export("{ro}/model.onnx"), 1, "--output {ro}/model.onnx: cannot write in folder {ro}"),
+    ("export-output-missing-folder", export("{ws}/nope/m.onnx"), 1, "--output {ws}/nope/m.onnx: folder {ws}/nope does not exist"),
+    ("export-output-directory", export("{ws}/out/adir"), 1, "--output {ws}/out/adir: is a directory"),
+    ("export-sidecar-directory", export("{ws}/out/side.onnx"), 1, "its description {ws}/out/side.onnx.json is a directory"),
     ("export-nothing-to-export", [X, "--format", "onnx", "--output", "{ws}/out/model.onnx"], 1, "pass --weights"),
-    ("export-malicious-pickle", [X, "--weights", "{fx}/evil.pth", "--format", "onnx", "--output", "{ws}/out/model.onnx"], 1, "could run arbitrary code"),
-    ("export-image-size-too-small", [X, "--weights", "{fx}/ckpt", "--format", "onnx", "--output", "{ws}/out/model.onnx", "--image-size", "2"], 1, "--image-size 2"),
-    ("export-check-fails", [X, "--weights", "{fx}/ckpt", "--format", "pt2", "--output", "{ws}/out/model.pt2", "--tolerance", "-1"], 1, "the exported model differs from PyTorch"),
+    ("export-malicious-pickle", export("{ws}/out/model.onnx", weights="{fx}/evil.pth"), 1, "could run arbitrary code"),
+    ("export-image-size-too-small", export("{ws}/out/model.onnx", "--image-size", "2"), 1, "--image-size 2"),
+    ("export-check-fails", export("{ws}/out/model.pt2", "--tolerance", "-1", fmt="pt2"), 1, "the exported model differs from PyTorch"),
     # ---- attention
-    ("attention-output-missing-folder", [A, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ws}/nope/a.png"], 1, "--output {ws}/nope/a.png: folder {ws}/nope does not exist"),
-    ("attention-output-directory", [A, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ws}/out/adir"], 1, "--output {ws}/out/adir: is a directory"),
-    ("attention-alpha", [A, "{fx}/ok.png", "--weights", "{fx}/ckpt", "--output", "{ws}/out/att.png", "--alpha", "2"], 1, "--alpha must lie in 0..1"),
-    ("attention-missing-image", [A, "{ws}/missing.png", "--weights", "{fx}/ckpt", "--output", "{ws}/out/att.png"], 1, "missing.png: cannot read image: no such file"),
-    ("attention-image-over-limit", [A, "{fx}/huge.png", "--weights", "{fx}/ckpt", "--output", "{ws}/out/att.png"], 1, "huge.png: refused before decoding"),
-    ("attention-no-cls-token", [A, "{fx}/ok.png", "--weights", "{fx}/no-cls", "--output", "{ws}/out/att.png"], 1, "attention maps need a cls token"),
+    ("attention-output-missing-folder", attention("{ws}/nope/a.png"), 1, "--output {ws}/nope/a.png: folder {ws}/nope does not exist"),
+    ("attention-output-directory", attention("{ws}/out/adir"), 1, "--output {ws}/out/adir: is a directory"),
+    ("attention-alpha", attention("{ws}/out/att.png", "--alpha", "2"), 1, "--alpha must lie in 0..1"),
+    ("attention-missing-image", attention("{ws}/out/att.png", image="{ws}/missing.png"), 1, "missing.png: cannot read image: no such file"),
+    ("attention-image-over-limit", attention("{ws}/out/att.png", image="{fx}/huge.png"), 1, "huge.png: refused before decoding"),
+    ("attention-no-cls-token", attention("{ws}/out/att.png", weights="{fx}/no-cls"), 1, "attention maps need a cls token"),
     # ---- summary, models
     ("summary-unknown-name", ["summary", "cvt-99"], 1, "unknown model 'cvt-99'"),
     ("summary-not-a-checkpoint", ["summary", "{fx}/weights.csv"], 1, "weights.csv: not a checkpoint"),
