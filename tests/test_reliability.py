@@ -116,6 +116,7 @@ def workspace(tmp_path, monkeypatch):
     (out / "att.png").write_bytes(b"an earlier picture")
     (out / "adir").mkdir()
     (out / "side.onnx.json").mkdir()  # the description of side.onnx would land on a directory
+    os.mkfifo(out / "pipe")  # not a file: renaming over it would replace it (as it would /dev/null)
     if Path("/dev/full").is_char_device():  # a file on a full disk: every write fails with ENOSPC
         (out / "full.jsonl").symlink_to("/dev/full")
     (tmp_path / "cwd").mkdir()
@@ -214,6 +215,7 @@ CASES = [
     # ---- attention
     ("attention-output-missing-folder", attention("{ws}/nope/a.png"), 1, "--output {ws}/nope/a.png: folder {ws}/nope does not exist"),
     ("attention-output-directory", attention("{ws}/out/adir"), 1, "--output {ws}/out/adir: is a directory"),
+    ("attention-output-pipe", attention("{ws}/out/pipe"), 1, "--output {ws}/out/pipe: not a regular file (a device, a pipe or a socket)"),
     ("attention-alpha", attention("{ws}/out/att.png", "--alpha", "2"), 1, "--alpha must lie in 0..1"),
     ("attention-missing-image", attention("{ws}/out/att.png", image="{ws}/missing.png"), 1, "missing.png: cannot read image: no such file"),
     ("attention-image-over-limit", attention("{ws}/out/att.png", image="{fx}/huge.png"), 1, "huge.png: refused before decoding"),
@@ -312,6 +314,10 @@ def test_output_errors_from_the_api(tmp_path):
         fileio.atomic_write_text(tmp_path / "adir", "x")
     with pytest.raises(OutputError, match="--weights-out .*: folder .* does not exist"):
         fileio.check_output(tmp_path / "no" / "x.pt", "--weights-out")
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(OutputError, match="pipe: not a regular file"):
+        fileio.atomic_write_text(tmp_path / "pipe", "x")
+    assert (tmp_path / "pipe").is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["adir", "pipe"]
 
 
 CHILD_WRITER = """

@@ -100,7 +100,7 @@ def write_checked(model: torch.nn.Module, path: str | os.PathLike, fmt: str, *, 
                   dynamic: bool = True, opset: int | None = None, tolerance: float = TOLERANCE) -> float:
     """Export to a temporary file, check it, rename it over ``path``; returns ``max_difference``."""
     if opset is not None and opset not in ONNX_OPSETS:
-        raise ConfigError(f"--opset {opset}: not available here; {_opsets_that_work()}")
+        raise ConfigError(f"opset {opset}: not available here; {_opsets_that_work()}")
     path = Path(path)
     model = model.eval()
     size = image_size or model.config.image_size
@@ -127,7 +127,7 @@ def write_checked(model: torch.nn.Module, path: str | os.PathLike, fmt: str, *, 
             except Exception as exc:
                 raise ExportError(f"{fmt} export to {path} failed: {_first_line(exc)}") from None
         if fmt == "onnx" and opset is not None and (written := onnx_opset(tmp)) != opset:
-            raise ExportError(f"--opset {opset}: the exporter wrote opset {written} instead; {_opsets_that_work()}")
+            raise ExportError(f"opset {opset} was asked for but the exporter wrote opset {written}; {_opsets_that_work()}")
         diff = max_difference(model, tmp, fmt, check_shapes(dynamic, size))
         if not diff <= tolerance:
             raise ExportError(f"the exported model differs from PyTorch by {diff:.2e} > tolerance {tolerance:g}; "

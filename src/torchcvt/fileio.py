@@ -157,6 +157,8 @@ def atomic_save(write: Callable[[str], object], path: str | os.PathLike) -> None
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a directory, expected a file name")
+    if path.exists() and not path.is_file():  # renaming over /dev/null would replace the device itself
+        raise OutputError(f"{path}: not a regular file (a device, a pipe or a socket), expected a file name")
     existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,14 +204,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_save(lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), path)
 
 
-def check_output(path: str | os.PathLike, option: str) -> Path:
+def check_output(path: str | os.PathLike, option: str, *, streamed: bool = False) -> Path:
     """``path`` as an output file that can be written, checked before any work is done; else an
     ``OutputError`` naming the option: a directory, a missing folder, a folder that is no folder
-    or one this process cannot write in (tried by creating and removing a temporary file)."""
+    or one this process cannot write in (tried by creating and removing a temporary file).
+
+    ``streamed``: the file will be opened and written in place (not through ``atomic_save``), so
+    an existing file this process may write (``/dev/stdout`` too) needs nothing of its folder.
+    """
     path = Path(path).expanduser()
     folder = path.parent
     if path.is_dir():
         raise OutputError(f"{option} {path}: is a directory; give a file name inside it")
+    if streamed and path.exists() and os.access(path, os.W_OK):
+        return path
+    if path.exists() and not path.is_file():
+        raise OutputError(f"{option} {path}: not a regular file (a device, a pipe or a socket); give a file name")
     if not folder.exists():
         raise OutputError(f"{option} {path}: folder {folder} does not exist")
     if not folder.is_dir():

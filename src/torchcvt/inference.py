@@ -361,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     skip = args.on_error == "skip"
-    output = check_output(args.output, "--output") if args.output else None
+    output = check_output(args.output, "--output", streamed=True) if args.output else None
 
     files, problems = collect_images(args.inputs)
     if problems and not skip:
