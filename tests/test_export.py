@@ -14,7 +14,7 @@ import torch
 
 import torchcvt
 from torchcvt.cli import main
-from torchcvt.export import export_onnx, export_program, min_dynamic_side
+from torchcvt.export import ONNX_OPSETS, export_onnx, export_program, min_dynamic_side, onnx_opset
 from torchcvt.fastpath import OneDNNLinear, fuse_for_inference
 from torchcvt.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -70,9 +70,11 @@ def test_min_dynamic_side_by_hand():
 def test_cli_export_writes_checks_and_documents(reference, tmp_path, capsys):
     _, directory = reference("tiny")
     out = tmp_path / "model.onnx"
-    code = main(["export", "--weights", str(directory), "--format", "onnx", "--output", str(out), "--image-size", "64"])
+    code = main(["export", "--weights", str(directory), "--format", "onnx", "--output", str(out), "--image-size", "64",
+                 "--opset", str(ONNX_OPSETS.start)])
     printed = capsys.readouterr().out
     assert code == 0, printed
+    assert onnx_opset(out) == ONNX_OPSETS.start  # the opset asked for, exactly
     assert "max |onnx - pytorch| =" in printed and "1x3x64x64" in printed
     info = json.loads((tmp_path / "model.onnx.json").read_text())
     assert info["input"]["name"] == "pixel_values" and info["output"]["shape"] == ["batch", 7]

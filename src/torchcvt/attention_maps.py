@@ -11,7 +11,9 @@ projected tokens (stride ``stride_kv``), so each map lives on the key grid, e.g.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .fileio import atomic_save
+from .fileio import atomic_save, check_output
+from .inference import add_image_safety_arguments
 from .model import CvT
 from .transforms import denormalize
 
@@ -94,12 +97,21 @@ def attention_maps(model: CvT, image: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ rendering
+def constant_maps(maps: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """``[n]`` bool: which of the ``[n, h, w]`` maps are constant (all values within ``rtol`` of the
+    largest), as every map on a 1x1 key grid is. Scaled to 0..1, their float rounding would show as speckle."""
+    flat = maps.float().flatten(1)
+    return (flat.amax(1) - flat.amin(1)) <= rtol * flat.abs().amax(1)
+
+
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``[n, h, w]`` maps bilinearly resized to ``size`` and scaled to 0..1 each (for display)."""
+    """``[n, h, w]`` maps bilinearly resized to ``size`` and scaled to 0..1 each (for display); a
+    constant map (``constant_maps``) becomes all zeros rather than its rounding noise stretched to 0..1."""
     up = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]  # [n, H, W]
     low = up.amin(dim=(1, 2), keepdim=True)
     high = up.amax(dim=(1, 2), keepdim=True)
-    return (up - low) / (high - low).clamp_min(1e-12)
+    scaled = (up - low) / (high - low).clamp_min(1e-12)
+    return torch.where(constant_maps(maps)[:, None, None], torch.zeros_like(scaled), scaled)
 
 
 def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
@@ -120,30 +132,34 @@ def render(
     dpi: int = DEFAULT_DPI,
 ) -> Path:
     """Write a PNG of ``FIGURE_SIZE`` inches at ``dpi``: the mean-over-heads map over the image on the
-    left, one small panel per head on the right (each scaled to its own 0..1 range)."""
+    left, one small panel per head on the right (each scaled to its own 0..1 range). A constant map
+    has no heatmap: its panel shows the image alone, titled "constant"."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     size = rgb.shape[:2]
     heads = maps.shape[0]
-    mean_heat = upsample(maps.mean(dim=0, keepdim=True), size)[0].numpy()
+    mean_map = maps.mean(dim=0, keepdim=True)
+    mean_heat = upsample(mean_map, size)[0].numpy()
     head_heat = upsample(maps, size).numpy()
+    flat, mean_flat = constant_maps(maps).tolist(), bool(constant_maps(mean_map)[0])
 
     fig = Figure(figsize=FIGURE_SIZE, dpi=dpi)
     FigureCanvasAgg(fig)
     left, right = fig.subfigures(1, 2, wspace=0.02)
     ax = left.add_subplot()
-    ax.imshow(overlay(rgb, mean_heat, alpha))
-    ax.set_title(title or "cls-token attention, mean over heads", fontsize=10)
+    ax.imshow(rgb if mean_flat else overlay(rgb, mean_heat, alpha))
+    ax.set_title((title or "cls-token attention, mean over heads") + (" (constant map)" if mean_flat else ""), fontsize=10)
     ax.axis("off")
     cols = math.ceil(math.sqrt(heads))
     grid = right.subplots(math.ceil(heads / cols), cols, squeeze=False)
     for i, cell in enumerate(grid.flat):
         cell.axis("off")
         if i < heads:
-            cell.imshow(overlay(rgb, head_heat[i], alpha))
-            cell.set_title(f"head {i}", fontsize=8)
-    right.suptitle(f"last block, {heads} heads, {maps.shape[1]}x{maps.shape[2]} key grid", fontsize=9)
+            cell.imshow(rgb if flat[i] else overlay(rgb, head_heat[i], alpha))
+            cell.set_title(f"head {i}" + (": constant" if flat[i] else ""), fontsize=8)
+    right.suptitle(f"last block, {heads} heads, {maps.shape[1]}x{maps.shape[2]} key grid"
+                   + (": every map constant, nothing to show" if all(flat) else ""), fontsize=9)
     path = Path(path)
     atomic_save(lambda tmp: fig.savefig(tmp, format="png", dpi=dpi), path)
     return path
@@ -158,6 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity, 0..1 (default: 0.5)")
     parser.add_argument("--dpi", type=int, default=DEFAULT_DPI,
                         help=f"resolution; the PNG is {FIGURE_SIZE[0]:g}x{FIGURE_SIZE[1]:g} inches (default: {DEFAULT_DPI})")
+    add_image_safety_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,17 +187,24 @@ def run(args: argparse.Namespace) -> int:
     if args.dpi < 10:
         raise ConfigError(f"--dpi must be >= 10, got {args.dpi}")
     device = parse_device(args.device, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    model, pre, _ = load_pretrained(args.weights)
+    output = check_output(args.output, "--output")
+    model, pre, _ = load_pretrained(args.weights, allow_nonfinite=args.allow_nonfinite_weights)
     _check_cls_token(model)
     if model.config.num_classes == 0:
         raise ConfigError(f"{args.weights} has no classification head (num_classes=0): no class to title the map with")
     model = model.to(device).eval()
+    pre = dataclasses.replace(pre, max_pixels=args.max_pixels)
     pixels = preprocess(args.image, pre)  # [3, H, W]
     maps, logits = cls_attention(model, pixels)
+    if bool(constant_maps(maps).all()):
+        h, w = maps.shape[1:]
+        print(f"note: every head's map is constant ({h}x{w} key grid at {pre.image_size}x{pre.image_size} input"
+              f"{': one key, so all attention lands on it' if h * w == 1 else ''}); the picture shows no heatmap",
+              file=sys.stderr)
     probs = logits.softmax(dim=-1)
     best = int(probs.argmax())
     title = f"{Path(args.image).name}: {class_labels(model)[best]} ({probs[best]:.1%})"
     rgb = denormalize(pixels.float().cpu(), pre.mean, pre.std).permute(1, 2, 0).numpy()  # the crop the model saw
-    path = render(rgb, maps.cpu(), args.output, title=title, alpha=args.alpha, dpi=args.dpi)
+    path = render(rgb, maps.cpu(), output, title=title, alpha=args.alpha, dpi=args.dpi)
     print(f"wrote {path}: {title}")
     return 0

@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,25 +266,78 @@ def resolve_source(source: str | os.PathLike) -> Path:
     raise CheckpointError(f"{source}: no such file or directory, and not a Hugging Face Hub id (owner/name)")
 
 
+def _what_it_is(head: bytes) -> str:
+    """What a file that is no weights file holds, from its first bytes (for the error message)."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive that is no PyTorch checkpoint (it has no data.pkl)"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM")) or head[8:12] == b"WEBP":
+        return "an image"
+    if b"\x00" not in head:
+        try:
+            first = head.decode("utf-8").strip().splitlines()[0][:40] if head.strip() else ""
+            return f"a text file (starting {first!r})"
+        except (UnicodeDecodeError, IndexError):
+            pass
+    return "binary data of no known weights format"
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header."""
+    return len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _is_torch_file(path: Path, head: bytes) -> bool:
+    """torch.save's zip layout (``NAME/data.pkl`` inside), or the legacy pickle (protocol byte 0x80)."""
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist())
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(f"{path}: a truncated or damaged zip file, as torch.save writes them ({exc})") from None
+    return head[:1] == b"\x80"
+
+
+def _pickle_refusal(path: Path, exc: Exception) -> CheckpointError:
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f"Python objects other than tensors ({found[1]})" if found else "Python objects other than tensors"
+    return CheckpointError(
+        f"{path}: refused: it holds {what}, and unpickling them could run arbitrary code; if you trust the file, "
+        "convert it once in a trusted environment (load it there, then write its tensors with "
+        "safetensors.torch.save_file or torchcvt.save_pretrained) and pass the .safetensors file"
+    )
+
+
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Tensors of one weights file, and a config embedded in it (our training checkpoints)."""
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file")
-    if path.suffix == ".safetensors":
+    """Tensors of one weights file, and a config embedded in it (our training checkpoints).
+
+    What the file is comes from its first bytes, not its name: a CSV called ``model.pth`` is
+    named as a text file, never handed to the unpickler.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if _is_safetensors(head, size):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path)), None
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise CheckpointError(f"{path}: a damaged safetensors file ({_first_line(exc)})") from None
+    if path.suffix == ".safetensors" or not _is_torch_file(path, head):
+        kind = "not a safetensors file" if path.suffix == ".safetensors" else "not a checkpoint"
+        raise CheckpointError(f"{path}: {kind}: {_what_it_is(head)}; expected safetensors weights or a file "
+                              "written by torch.save (.pt, .pth, .bin)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "WeightsUnpickler" in str(exc) or "Unsupported" in str(exc):
+            raise _pickle_refusal(path, exc) from None
+        raise CheckpointError(f"{path}: a damaged PyTorch file ({_first_line(exc, skip='weights_only')})") from None
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: cannot load it as a weights-only PyTorch file ({reason[:200]}); torchcvt never unpickles arbitrary objects"
-        ) from None
+        raise CheckpointError(f"{path}: a damaged PyTorch file ({_first_line(exc, skip='weights_only')})") from None
     embedded = None
     if isinstance(obj, dict):
         embedded = obj.get("config") if isinstance(obj.get("config"), dict) else None
@@ -295,6 +350,26 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] |
     return obj, embedded
 
 
+def _first_line(exc: BaseException, skip: str | None = None) -> str:
+    """The first line of an exception's message, at most 200 characters; the exception's type when
+    the message is empty or mentions ``skip`` (torch's advice to set weights_only=False, never repeated)."""
+    lines = str(exc).strip().splitlines()
+    if not lines or (skip and skip in str(exc)):
+        return type(exc).__name__
+    return lines[0][:200]
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], source: object) -> None:
+    """Raise a CheckpointError naming the first tensors that hold NaN or infinite values."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        names = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensor(s) hold NaN or infinite values ({names}); such weights give NaN outputs. "
+            "To load them anyway, for debugging: allow_nonfinite=True (--allow-nonfinite-weights on the command line)"
+        )
+
+
 def _read_config_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -304,8 +379,11 @@ def _read_config_json(path: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
 
 
-def read_checkpoint(source: str | os.PathLike) -> Checkpoint:
-    """Read any supported checkpoint into torchcvt names (no model is built)."""
+def read_checkpoint(source: str | os.PathLike, *, allow_nonfinite: bool = False) -> Checkpoint:
+    """Read any supported checkpoint into torchcvt names (no model is built).
+
+    Weights holding NaN or infinite values are refused (``check_finite``) unless ``allow_nonfinite``.
+    """
     path = resolve_source(source)
     if path.is_dir():
         weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
@@ -325,6 +403,8 @@ def read_checkpoint(source: str | os.PathLike) -> Checkpoint:
         folder = path.parent if path.name in WEIGHT_FILES else None
     config_dict = _read_config_json(folder / "config.json") if folder else None
     tensors, embedded = _load_tensors(weights)
+    if not allow_nonfinite:
+        check_finite(tensors, weights)
     config_dict = config_dict or embedded
     try:
         state_dict, fmt = to_torchcvt_state_dict(tensors)
@@ -347,6 +427,24 @@ def image_size_from_name(path: Path) -> int | None:
 
 
 # ------------------------------------------------------------------------------------ writing
+def transformers_incompatibilities(config: CvTConfig) -> list[str]:
+    """Why transformers' ``CvtForImageClassification`` cannot build ``config`` (empty: it can).
+
+    Its projections are dw_bn only, its cls token has the last stage's width, and its ``CvtStage``
+    indexes the per-block drop-path rates by stage number: IndexError whenever ``depth[i] <= i``.
+    """
+    problems = []
+    if any(m != "dw_bn" for m in config.qkv_projection_method):
+        problems.append(f"qkv_projection_method {list(config.qkv_projection_method)} (only dw_bn)")
+    if any(config.cls_token[:-1]):
+        problems.append(f"cls_token {list(config.cls_token)} (only in the last stage)")
+    short = [i for i, d in enumerate(config.depth) if d <= i]
+    if short:
+        problems.append(f"depth {list(config.depth)} has depth[i] <= i at stage(s) {short} "
+                        "(its CvtStage raises IndexError)")
+    return problems
+
+
 def save_pretrained(
     model: Any, directory: str | os.PathLike, *, safe_serialization: bool = True, preprocess: PreprocessConfig | None = None
 ) -> Path:
@@ -357,9 +455,10 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: CvTConfig = model.config
-    if any(m != "dw_bn" for m in config.qkv_projection_method) or any(config.cls_token[:-1]):
-        logger.warning("transformers' CvT supports only dw_bn projections and a cls token in the last stage; "
-                       "%s is readable by torchcvt but not by transformers", directory)
+    problems = transformers_incompatibilities(config)
+    if problems:
+        logger.warning("%s is readable by torchcvt but transformers cannot build its layout: %s",
+                       directory, "; ".join(problems))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     hf_state = to_transformers_state_dict(state)
     if safe_serialization:

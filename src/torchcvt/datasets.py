@@ -124,7 +124,8 @@ class ImageFileDataset(Dataset):
 
     ``transform`` maps the PIL image to the model input (e.g. ``augment.train_transform(224)`` or
     ``PreprocessConfig.for_resolution(224)``); None returns the PIL image. A file that cannot be
-    decoded raises ``ImageError`` naming it, so a DataLoader worker's failure says which file.
+    decoded raises ``ImageError`` naming it, so a DataLoader worker's failure says which file; so does
+    one over the image-size limit (a PreprocessConfig transform's ``max_pixels``, else the default).
     """
 
     def __init__(
@@ -138,7 +139,7 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        image = load_image(path)
+        image = load_image(path, max_pixels=getattr(self.transform, "max_pixels", None))
         return (self.transform(image) if self.transform is not None else image), label
 
     @property

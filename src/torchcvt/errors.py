@@ -19,3 +19,15 @@ class ImageError(TorchCvTError, ValueError):
 
 class DataError(TorchCvTError, ValueError):
     """A dataset is missing, empty or malformed."""
+
+
+class OutputError(TorchCvTError, OSError):
+    """An output file cannot be written: its folder is missing or read-only, or it is a directory."""
+
+
+class DiskFullError(OutputError):
+    """The disk (or the quota) filled up while writing; the file being replaced is intact."""
+
+
+class ExportError(TorchCvTError):
+    """An export failed or did not pass its check; the output file was left as it was."""

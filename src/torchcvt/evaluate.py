@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -27,7 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ConfigError, DataError
-from .fileio import atomic_save
+from .fileio import atomic_save, check_output, to_json
+from .inference import add_image_safety_arguments
 from .transforms import denormalize, load_image
 
 TOP_K = 5
@@ -150,6 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "confusion matrix (PNG named INDEX_LABEL.png), e.g. to try `cvt predict` on them")
     parser.add_argument("--format", default="text", choices=("text", "json"),
                         help="text (default) or json: one object with top1, top5 (fractions), loss, per_class_accuracy")
+    add_image_safety_arguments(parser)
 
 
 def _checkpoint_folder(weights: str) -> Path | None:
@@ -194,13 +195,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--device {args.device}: CUDA is not available; use --device cpu")
     if args.amp == "fp16" and device.type != "cuda":
         raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    if args.output:
+        check_output(args.output, "--output")
     if not Path(args.data).expanduser().exists() and args.data != "digits":
         # Before the (slow) model load: the most common mistake gets the quickest answer.
         raise DataError(f"data not found: {args.data} (expected 'digits', an image folder or a .csv file)")
 
     # The weights with the evaluation preprocessing that belongs to them (registry names and hub ids too).
-    model, pre, _ = load_pretrained(args.weights)
+    model, pre, _ = load_pretrained(args.weights, allow_nonfinite=args.allow_nonfinite_weights)
     model = model.to(device).eval()
+    pre = dataclasses.replace(pre, max_pixels=args.max_pixels)
     if args.image_size is not None:
         pre = dataclasses.replace(pre, image_size=args.image_size)
     digits = args.data == "digits"
@@ -230,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
                "skipped_images": len(splits.skipped), "confusion_matrix_png": str(png)}
         if images is not None:
             out["images_dir"] = str(images)
-        print(json.dumps(out))
+        print(to_json(out))
         return 0
     print(f"{args.weights} on {args.data} ({args.split}): {result.count} images, {model.num_classes} classes"
           + (f", {len(splits.skipped)} unreadable image(s) skipped" if splits.skipped else ""))

@@ -8,27 +8,36 @@ With ``dynamic=True`` the batch, height and width are free (sides from ``min_dyn
 ``cvt export --weights SRC`` exports trained weights (a checkpoint, a hub id, or a registry name
 with public weights); ``cvt export --model NAME`` exports the layout of a registry name with random
 weights (for deployment tests before training); both together check the checkpoint against the layout.
+
+Nothing is replaced unchecked: the export goes to a temporary file, is run against PyTorch
+(onnxruntime, or the reloaded program) and has its opset read back, and only then is renamed over
+``--output``; the JSON beside it follows once the model is in place. A failed export or check
+leaves an existing ``--output`` as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
+import math
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 from .config import CvTConfig
-from .errors import ConfigError, TorchCvTError
-from .fileio import atomic_save
+from .errors import ConfigError, ExportError, OutputError, TorchCvTError
+from .fileio import atomic_save, check_output, to_json
 from .transforms import PreprocessConfig
 
 TOLERANCE = 1e-4
 FORMATS = ("onnx", "pt2")
+# Opsets measured on CvT with torch 2.13's dynamo exporter and onnxruntime 1.32 (every opset 3-29
+# exported, its file's declared opset read, run in onnxruntime): 18-25 are written as asked and give
+# PyTorch's logits; below 18 the exporter silently writes 18, from 26 up a model onnxruntime rejects.
+# Each export's declared opset is checked anyway, so another torch or onnxruntime cannot slip through.
+ONNX_OPSETS = range(18, 26)
 
 
 def _example_input(model: torch.nn.Module, batch: int, height: int, width: int) -> torch.Tensor:
@@ -63,56 +72,93 @@ def _dynamic_shapes(model: torch.nn.Module, *, batch_only: bool = False) -> dict
     return {"x": {0: batch, 2: Dim("height", min=side, max=8192), 3: Dim("width", min=side, max=8192)}}
 
 
-def check_shapes(dynamic: bool, image_size: int) -> list[tuple[int, int, int]]:
+def check_shapes(dynamic: bool | str, image_size: int | tuple[int, int]) -> list[tuple[int, int, int]]:
     """(batch, height, width) of the inputs an export is checked on: two different ones when dynamic."""
-    s = image_size
-    return [(1, s, s), (3, s + 64, s + 32)] if dynamic else [(1, s, s)]
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if dynamic == "batch":
+        return [(1, h, w), (3, h, w)]
+    return [(1, h, w), (3, h + 64, w + 32)] if dynamic else [(1, h, w)]
 
 
 def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
-                dynamic: bool | str = True, opset: int | None = None) -> Path:
+                dynamic: bool | str = True, opset: int | None = None, tolerance: float = TOLERANCE) -> Path:
     """Write ``model`` (eval mode) as one self-contained ONNX file, weights included (dynamo exporter).
 
-    ``dynamic``: True, free batch, height and width; ``"batch"``: free batch at a fixed
-    ``image_size`` (an int, or ``(height, width)``); False: fixed at ``[1, C, height, width]``.
+    ``dynamic``: True, free batch, height and width; ``"batch"``: free batch at a fixed ``image_size``
+    (an int, or ``(height, width)``); False: fixed at ``[1, C, height, width]``.
+    The file is written to a temporary name, run in onnxruntime against PyTorch (``check_shapes``)
+    and renamed over ``path`` only when it matches within ``tolerance`` and has the ``opset``
+    asked for; otherwise an ``ExportError`` says why and an existing ``path`` is left as it was.
     """
+    write_checked(model, path, "onnx", image_size=image_size, dynamic=dynamic, opset=opset, tolerance=tolerance)
+    return Path(path)
+
+
+def export_program(model: torch.nn.Module, path: str | os.PathLike, *, image_size: int | None = None,
+                   dynamic: bool = True, tolerance: float = TOLERANCE) -> Path:
+    """Write ``model`` (eval mode) with ``torch.export`` and ``torch.export.save`` to a ``.pt2`` file,
+    checked after reloading it, as ``export_onnx`` checks its file."""
+    write_checked(model, path, "pt2", image_size=image_size, dynamic=dynamic, tolerance=tolerance)
+    return Path(path)
+
+
+def write_checked(model: torch.nn.Module, path: str | os.PathLike, fmt: str, *,
+                  image_size: int | tuple[int, int] | None = None, dynamic: bool | str = True, opset: int | None = None, tolerance: float = TOLERANCE) -> float:
+    """Export to a temporary file, check it, rename it over ``path``; returns ``max_difference``."""
+    if opset is not None and opset not in ONNX_OPSETS:
+        raise ConfigError(f"opset {opset}: not available here; {_opsets_that_work()}")
     path = Path(path)
     model = model.eval()
     size = image_size or model.config.image_size
     height, width = (size, size) if isinstance(size, int) else size
     x = _example_input(model, 2 if dynamic else 1, height, width)
-    names = dict(input_names=["pixel_values"], output_names=["logits"])
+    shapes = _dynamic_shapes(model, batch_only=dynamic == "batch") if dynamic else None
+    diff = math.nan
 
     def write(tmp: str) -> None:
+        nonlocal diff
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             try:
-                program = torch.onnx.export(
-                    model, (x,), None, dynamo=True, dynamic_shapes=_dynamic_shapes(model, batch_only=dynamic == "batch") if dynamic else None,
-                    opset_version=opset, verbose=False, **names,
-                )
+                if fmt == "onnx":
+                    program = torch.onnx.export(model, (x,), None, dynamo=True, dynamic_shapes=shapes,
+                                                opset_version=opset, verbose=False,
+                                                input_names=["pixel_values"], output_names=["logits"])
+                    program.save(tmp, external_data=False)  # one file: the weights of every CvT fit in ONNX's 2 GB
+                else:
+                    buffer = io.BytesIO()  # torch.export.save wants a name ending in .pt2 or a buffer
+                    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=shapes), buffer)
+                    Path(tmp).write_bytes(buffer.getvalue())
+            except (OSError, TorchCvTError):
+                raise
             except Exception as exc:
-                reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                raise TorchCvTError(f"ONNX export to {path} failed: {reason}") from None
-        program.save(tmp, external_data=False)  # one file: the weights of every CvT fit in ONNX's 2 GB
+                raise ExportError(f"{fmt} export to {path} failed: {_first_line(exc)}") from None
+        if fmt == "onnx" and opset is not None and (written := onnx_opset(tmp)) != opset:
+            raise ExportError(f"opset {opset} was asked for but the exporter wrote opset {written}; {_opsets_that_work()}")
+        diff = max_difference(model, tmp, fmt, check_shapes(dynamic, size))
+        if not diff <= tolerance:
+            raise ExportError(f"the exported model differs from PyTorch by {diff:.2e} > tolerance {tolerance:g}; "
+                              f"{path} was not written")
 
     atomic_save(write, path)
-    return path
+    return diff
 
 
-def export_program(model: torch.nn.Module, path: str | os.PathLike, *, image_size: int | None = None,
-                   dynamic: bool = True) -> Path:
-    """Write ``model`` (eval mode) with ``torch.export`` and ``torch.export.save`` to a ``.pt2`` file."""
-    path = Path(path)
-    model = model.eval()
-    size = image_size or model.config.image_size
-    x = _example_input(model, 2 if dynamic else 1, size, size)
-    with torch.no_grad():
-        program = torch.export.export(model, (x,), dynamic_shapes=_dynamic_shapes(model) if dynamic else None)
-    buffer = io.BytesIO()  # torch.export.save wants a name ending in .pt2 or a buffer, not our temporary file
-    torch.export.save(program, buffer)
-    atomic_save(lambda tmp: Path(tmp).write_bytes(buffer.getvalue()), path)
-    return path
+def onnx_opset(path: str | os.PathLike) -> int | None:
+    """The default-domain (ai.onnx) opset an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _opsets_that_work() -> str:
+    return (f"opsets that export CvT exactly and run in onnxruntime here: {ONNX_OPSETS.start} to {ONNX_OPSETS.stop - 1} "
+            "(default: the exporter's own)")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
 
 
 def max_difference(model: torch.nn.Module, path: str | os.PathLike, fmt: str, shapes: list[tuple[int, int, int]]) -> float:
@@ -122,10 +168,13 @@ def max_difference(model: torch.nn.Module, path: str | os.PathLike, fmt: str, sh
             import onnxruntime
         except ImportError:
             raise TorchCvTError("checking an ONNX file needs onnxruntime: pip install 'torchcvt[export]'") from None
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ExportError(f"onnxruntime cannot load the exported model: {_first_line(exc)}") from None
         run = lambda x: torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])  # noqa: E731
     else:
-        run = torch.export.load(str(path)).module()
+        run = torch.export.load(io.BytesIO(Path(path).read_bytes())).module()
     worst = 0.0
     for b, h, w in shapes:
         x = _example_input(model, b, h, w)
@@ -159,9 +208,14 @@ def write_preprocessing(model: torch.nn.Module, path: Path, preprocess: Preproce
         "output": {"name": "logits", "shape": ["batch", config.num_classes]},
         "id2label": {str(k): v for k, v in (config.id2label or {}).items()} or None,
     }
-    sidecar = path.with_name(path.name + ".json")
-    atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"), sidecar)
+    sidecar = sidecar_path(path)
+    atomic_save(lambda tmp: Path(tmp).write_text(to_json(info, indent=2) + "\n"), sidecar)
     return sidecar
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON file written beside an export: ``model.onnx`` -> ``model.onnx.json``."""
+    return Path(path).with_name(Path(path).name + ".json")
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -172,11 +226,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="registry name: without --weights, its layout with random weights; with --weights, the layout they must fit")
     parser.add_argument("--format", choices=FORMATS, required=True, help="onnx (onnxruntime) or pt2 (torch.export)")
     parser.add_argument("--output", required=True, help="file to write")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--opset", type=int, default=None,
+                        help=f"ONNX opset, {ONNX_OPSETS.start}-{ONNX_OPSETS.stop - 1} (default: the exporter's); written exactly or refused")
     parser.add_argument("--dynamic", action="store_true", help="free batch size, height and width (default: fixed 1 x image size)")
     parser.add_argument("--image-size", type=int, default=None, help="example / fixed input side (default: the model's)")
     parser.add_argument("--optimized", action="store_true", help="export fuse_for_inference(model) (BatchNorm and scale folded, fused epilogues)")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"largest accepted difference from PyTorch (default {TOLERANCE})")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help=f"largest accepted difference from PyTorch; a larger one writes nothing (default {TOLERANCE})")
+    parser.add_argument("--allow-nonfinite-weights", action="store_true",
+                        help="load weights holding NaN or inf (refused by default), for debugging")
 
 
 def _export_size(args: argparse.Namespace, config: CvTConfig) -> int:
@@ -196,31 +254,29 @@ def run(args: argparse.Namespace) -> int:
 
     if args.opset is not None and args.format != "onnx":
         raise ConfigError("--opset applies to --format onnx only")
+    if args.opset is not None and args.opset not in ONNX_OPSETS:
+        raise ConfigError(f"--opset {args.opset}: not available here; {_opsets_that_work()}")
     if args.weights is None and args.model is None:
         raise ConfigError("pass --weights (trained weights) or --model NAME (a registry layout with random weights)")
-    # A layout known by name is checked before any download.
+    # Where the files go, and a layout known by name, are checked before any (slow) load or download.
+    output = check_output(args.output, "--output")
+    if sidecar_path(output).is_dir():
+        raise OutputError(f"--output {output}: its description {sidecar_path(output)} is a directory")
     name = args.model or (args.weights if resolve(args.weights) is not None else None)
     if name is not None:
         _export_size(args, preset_config(name))
-    model = create_model(args.model, weights=args.weights).eval()
+    model = create_model(args.model, weights=args.weights, allow_nonfinite=args.allow_nonfinite_weights).eval()
     size = _export_size(args, model.config)
     preprocess = preprocess_config_of(model)
     if args.optimized:
         from .fastpath import fuse_for_inference
 
         model = fuse_for_inference(model)
-    output = Path(args.output)
-    if args.format == "onnx":
-        export_onnx(model, output, image_size=size, dynamic=args.dynamic, opset=args.opset)
-    else:
-        export_program(model, output, image_size=size, dynamic=args.dynamic)
+    # The model file first, checked before it replaces anything; its description only once it has.
+    diff = write_checked(model, output, args.format, image_size=size, dynamic=args.dynamic, opset=args.opset,
+                         tolerance=args.tolerance)
     sidecar = write_preprocessing(model, output, preprocess)
-    shapes = check_shapes(args.dynamic, size)
-    diff = max_difference(model, output, args.format, shapes)
-    checked = ", ".join(f"{b}x{model.config.num_channels}x{h}x{w}" for b, h, w in shapes)
+    checked = ", ".join(f"{b}x{model.config.num_channels}x{h}x{w}" for b, h, w in check_shapes(args.dynamic, size))
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB) and {sidecar.name}")
     print(f"max |{args.format} - pytorch| = {diff:.2e} on inputs {checked} (tolerance {args.tolerance:g})")
-    if not diff <= args.tolerance:
-        print(f"error: the exported model differs from PyTorch by {diff:.2e} > {args.tolerance:g}", file=sys.stderr)
-        return 1
     return 0

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import glob
 import io
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .backends import BACKENDS, optimize_for_inference, resolve_backend
-from .errors import ConfigError, DataError, ImageError, TorchCvTError
+from .errors import ConfigError, DataError, DiskFullError, ImageError, OutputError, TorchCvTError
 from .model import CvT
 from .pretrained import LAYOUTS, REGISTRY, load_pretrained, preprocess_config_of
+from .fileio import check_output, is_disk_full, to_json
 from .transforms import ImageSource, PreprocessConfig, is_image_file, preprocess
 
 # ----------------------------------------------------------------------------------- classifier
@@ -91,7 +93,10 @@ class Classifier:
     ``CvT`` (put in eval mode and used as is, with the preprocessing of its ``pretrained_cfg``).
     ``device``: default CUDA when available (a given model: where it is). ``dtype``: float32
     (default), bfloat16 or float16 (CUDA only). ``preprocess``: overrides the transform of the weights.
-    ``batch_size``: images per forward pass in ``__call__``.
+    ``batch_size``: images per forward pass in ``__call__``. ``max_pixels``: images with more pixels
+    are refused before they are decoded (0: no limit; default: ``preprocess.max_pixels``, whose
+    default is Pillow's decompression-bomb threshold, ~89 Mpx). ``allow_nonfinite``: load weights holding NaN or
+    inf (refused by default), for debugging.
     """
 
     def __init__(
@@ -103,6 +108,8 @@ class Classifier:
         preprocess: PreprocessConfig | None = None,
         batch_size: int = 32,
         backend: str = "eager",
+        max_pixels: int | None = None,
+        allow_nonfinite: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -116,7 +123,7 @@ class Classifier:
             # Check the arguments before the (slow) load.
             parse_device(device, default_device)
             _parse_dtype(dtype, default_dtype)
-            model, pre, self.source = load_pretrained(weights)
+            model, pre, self.source = load_pretrained(weights, allow_nonfinite=allow_nonfinite)
         self.device = parse_device(device, default_device)
         self.dtype = _parse_dtype(dtype, default_dtype)
         if self.dtype == torch.float16 and self.device.type != "cuda":
@@ -130,6 +137,8 @@ class Classifier:
         # The model computes the logits itself on the eager backend; other backends get a runner of their own.
         self.runner = self.model if self.backend == "eager" else optimize_for_inference(self.model, self.backend)
         self.preprocess_config = preprocess or pre
+        if max_pixels is not None:
+            self.preprocess_config = dataclasses.replace(self.preprocess_config, max_pixels=max_pixels)
         self.labels = class_labels(model)
         self.batch_size = batch_size
 
@@ -266,7 +275,7 @@ class ResultWriter:
         for path, top in rows:
             if self.fmt == "json":
                 entries = [{"label": label, "index": index, "score": round(score, 6)} for index, label, score in top]
-                self.stream.write(json.dumps({"path": path, "top_k": entries}, ensure_ascii=False) + "\n")
+                self.stream.write(to_json({"path": path, "top_k": entries}, ensure_ascii=False) + "\n")
             elif self.fmt == "csv":
                 self.csv.writerows([path, rank, index, label, f"{score:.6f}"] for rank, (index, label, score) in enumerate(top, 1))
             else:
@@ -303,11 +312,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_argument(parser)
     parser.add_argument("--format", default="table", choices=("table", "json", "csv"),
                         help="table (default), json (JSON Lines: one object per image) or csv (path,rank,index,label,score)")
-    parser.add_argument("--output", default=None, help="write results to this file instead of stdout (streamed, not atomic)")
+    parser.add_argument("--output", default=None,
+                        help="write results to this file instead of stdout (streamed as they come: a failure "
+                             "or a kill leaves the results so far)")
     parser.add_argument("--on-error", default="stop", choices=("stop", "skip"),
                         help="unreadable image or path: stop with an error (default) or skip it, name it and count it")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader worker processes decoding images (default: min(4, CPUs - 1))")
+    add_image_safety_arguments(parser)
+
+
+def add_image_safety_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--max-pixels`` and ``--allow-nonfinite-weights``, for every command that reads images with weights."""
+    parser.add_argument("--max-pixels", type=_max_pixels, default=None, metavar="N",
+                        help="refuse images of more than N pixels before decoding them (default: Pillow's "
+                             f"decompression-bomb threshold, {Image.MAX_IMAGE_PIXELS}; 0: no limit)")
+    parser.add_argument("--allow-nonfinite-weights", action="store_true",
+                        help="load weights holding NaN or inf (refused by default), for debugging")
+
+
+def _max_pixels(text: str) -> int | None:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: no limit), got {value}")
+    return value
 
 
 def format_models() -> str:
@@ -345,6 +376,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     skip = args.on_error == "skip"
+    output = check_output(args.output, "--output", streamed=True) if args.output else None
 
     files, problems = collect_images(args.inputs)
     if problems and not skip:
@@ -355,7 +387,8 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise DataError(f"no image files found in {' '.join(args.inputs)}")
 
-    classifier = Classifier(args.weights, device=args.device, dtype=args.dtype, backend=args.backend)
+    classifier = Classifier(args.weights, device=args.device, dtype=args.dtype, backend=args.backend,
+                            max_pixels=args.max_pixels, allow_nonfinite=args.allow_nonfinite_weights)
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
     if len(files) <= args.batch_size:
         workers = 0  # one batch: worker start-up would cost more than it saves
@@ -365,7 +398,10 @@ def run(args: argparse.Namespace) -> int:
     )
     skipped = len(problems)
     done = 0
-    stream = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    try:
+        stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    except OSError as exc:
+        raise OutputError(f"--output {output}: cannot write it ({exc.strerror or exc})") from None
     try:
         writer = ResultWriter(stream, args.format)
         # tqdm hides itself when stderr is not a terminal (disable=None).
@@ -391,9 +427,17 @@ def run(args: argparse.Namespace) -> int:
                 done += len(rows)
                 skipped += len(batch.failures)
                 bar.update(len(batch.indices) + len(batch.failures))
+    except OSError as exc:
+        if isinstance(exc, TorchCvTError) or not is_disk_full(exc):
+            raise
+        raise DiskFullError(f"no space left on device writing {output or 'the output'}; it holds the results of "
+                            f"the first {done} image(s)") from None
     finally:
         if stream is not sys.stdout:
-            stream.close()
+            try:
+                stream.close()
+            except OSError:  # each batch was flushed: only a write that already failed can fail again here
+                pass
     if skipped:
         print(f"classified {done} image(s); skipped {skipped} unreadable file(s) or path(s)", file=sys.stderr)
     if done == 0:

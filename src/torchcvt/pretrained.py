@@ -216,6 +216,7 @@ def create_model(
     *,
     weights: str | os.PathLike | None = None,
     num_classes: int | None = None,
+    allow_nonfinite: bool = False,
     **overrides: Any,
 ) -> CvT:
     """Build a CvT from a registry name or a config, optionally loading weights.
@@ -227,6 +228,7 @@ def create_model(
     checkpoint's own layout. ``num_classes`` different from the checkpoint's gives a new, randomly
     initialised head (fine-tuning). ``overrides`` change config fields, e.g. ``hidden_act="gelu"``.
     The model's ``pretrained_cfg`` says how its inputs are preprocessed (timm's keys).
+    ``allow_nonfinite``: load weights holding NaN or inf (refused by default), for debugging.
     """
     if weights is None and not pretrained and (isinstance(name_or_config, os.PathLike) or _names_weights(name_or_config)):
         name_or_config, weights = None, name_or_config
@@ -237,7 +239,7 @@ def create_model(
         weights = entry.name  # its public weights (a ConfigError for a layout without any)
     base = entry.config() if entry is not None else name_or_config
     if weights is not None:
-        return load_model(weights, config=base, num_classes=num_classes, **overrides)
+        return load_model(weights, config=base, num_classes=num_classes, allow_nonfinite=allow_nonfinite, **overrides)
     if base is None:
         raise ConfigError("create_model needs a registry name (torchcvt.list_models()), a CvTConfig or weights")
     config = base.replace(**overrides) if overrides else base
@@ -253,6 +255,7 @@ def load_model(
     *,
     config: CvTConfig | None = None,
     num_classes: int | None = None,
+    allow_nonfinite: bool = False,
     **overrides: Any,
 ) -> CvT:
     """Build a CvT from a checkpoint, strictly: a folder, a file, a hub id or a registry name.
@@ -264,9 +267,10 @@ def load_model(
     ``num_classes``: a head size; when it differs from the checkpoint's, the head is replaced by a
     new, randomly initialised one (fine-tuning), and a log message says so.
     ``overrides``: config fields to change, e.g. ``hidden_act="gelu"``.
+    ``allow_nonfinite``: load weights holding NaN or inf, which are refused by default (for debugging).
     """
     location, entry = _weights_source(source)
-    ckpt = read_checkpoint(location)
+    ckpt = read_checkpoint(location, allow_nonfinite=allow_nonfinite)
     sd = ckpt.state_dict
     stated_size = entry.image_size if entry is not None else _checkpoint_image_size(ckpt)
     own = ckpt.config or config_from_state_dict(sd, image_size=stated_size)
@@ -313,7 +317,7 @@ def load_model(
     return _finish(model, pre, entry)
 
 
-def load_pretrained(source: str | os.PathLike) -> tuple[CvT, PreprocessConfig, str]:
+def load_pretrained(source: str | os.PathLike, *, allow_nonfinite: bool = False) -> tuple[CvT, PreprocessConfig, str]:
     """Trained weights with the evaluation preprocessing that belongs to them, and a display name.
 
     A registry name or public hub id loads the entry's public weights as ``create_model(name,
@@ -321,7 +325,10 @@ def load_pretrained(source: str | os.PathLike) -> tuple[CvT, PreprocessConfig, s
     ``cvt predict``, ``cvt eval``, ``cvt attention`` and ``cvt export``.
     """
     entry = resolve(source)
-    model = create_model(entry.name, pretrained=True) if entry is not None else load_model(source)
+    if entry is not None:
+        model = create_model(entry.name, pretrained=True, allow_nonfinite=allow_nonfinite)
+    else:
+        model = load_model(source, allow_nonfinite=allow_nonfinite)
     return model, preprocess_config_of(model), entry.hub_id if entry is not None else os.fspath(source)
 
 
@@ -357,7 +364,7 @@ def stated_image_size(source: str | os.PathLike) -> int | None:
     entry = resolve(source)
     if entry is not None:
         return entry.image_size
-    return _checkpoint_image_size(read_checkpoint(_weights_source(source)[0]))
+    return _checkpoint_image_size(read_checkpoint(_weights_source(source)[0], allow_nonfinite=True))
 
 
 def config_from_state_dict(state_dict: dict[str, torch.Tensor], image_size: int | None = None) -> CvTConfig:

@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     # names are checkpoint paths or hub ids, read with their weights.
     layout_only = resolve(args.name) is not None
     with torch.device("meta") if layout_only else contextlib.nullcontext():
-        model = create_model(args.name, num_classes=args.num_classes)
+        # Only shapes matter here: weights holding NaN or inf are summarised, not refused.
+        model = create_model(args.name, num_classes=args.num_classes, allow_nonfinite=True)
     print(f"{args.name}: {model.config.num_stages} stages, depth {list(model.config.depth)}, widths {list(model.config.embed_dim)}, {model.config.hidden_act}")
     print(summary(model, args.image_size))
     return 0

@@ -30,6 +30,9 @@ Where transformers gives no usable answer we choose, and say so:
   Pillow's ``convert`` would truncate 0..1 data to black.
 * Float arrays and tensors must lie in 0..1 and become ``round(v * 255)``, so that
   ``u8 / 255`` reproduces ``u8`` exactly.
+* Images over ``max_pixels`` (None: Pillow's decompression-bomb threshold ``Image.MAX_IMAGE_PIXELS``,
+  ~89 Mpx; 0: no limit) are refused from the header, before decoding: a 420 KB PNG can hold
+  12000x12000 pixels, 1.4 GB decoded.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import functools
 import json
 import math
 import os
+import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +86,7 @@ _IMAGENET_STANDARD = (0.5, 0.5, 0.5)
 
 # Channel counts an array or tensor may have: grey, RGB, RGBA.
 _CHANNEL_COUNTS = (1, 3, 4)
+_PILLOW_LIMIT = threading.Lock()  # guards Pillow's global limit and the warning filters around Image.open
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,8 @@ class PreprocessConfig:
 
     ``crop_pct`` set: resize the shorter side to ``int(image_size / crop_pct)``, keep the aspect
     ratio, crop the centred ``image_size`` square. ``crop_pct=None``: squash to
-    ``image_size x image_size``. Calling the config preprocesses one image.
+    ``image_size x image_size``. ``max_pixels``: larger images are refused before they are decoded
+    (None: Pillow's ``Image.MAX_IMAGE_PIXELS``; 0: no limit). Calling the config preprocesses one image.
     """
 
     image_size: int = 224
@@ -97,6 +104,7 @@ class PreprocessConfig:
     resample: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
@@ -113,6 +121,9 @@ class PreprocessConfig:
             object.__setattr__(self, name, _three_floats(name, getattr(self, name)))
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"std must be positive, got {self.std}")
+        if self.max_pixels is not None and (isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int)
+                                            or self.max_pixels < 0):
+            raise ConfigError(f"max_pixels must be None, 0 (no limit) or a positive integer, got {self.max_pixels!r}")
 
     @classmethod
     def for_resolution(cls, image_size: int) -> PreprocessConfig:
@@ -177,15 +188,9 @@ class PreprocessConfig:
         resize to ``size``, then rescale and normalise). A crop from 384 up has no transformers
         equivalent and raises ``ConfigError``.
         """
-        common = {
-            "do_resize": True,
-            "resample": RESAMPLE_FILTERS[self.resample],
-            "do_rescale": True,
-            "rescale_factor": _RESCALE_FACTOR,
-            "do_normalize": True,
-            "image_mean": list(self.mean),
-            "image_std": list(self.std),
-        }
+        common = {"do_resize": True, "resample": RESAMPLE_FILTERS[self.resample], "do_rescale": True,
+                  "rescale_factor": _RESCALE_FACTOR, "do_normalize": True,
+                  "image_mean": list(self.mean), "image_std": list(self.std)}
         n = self.image_size
         if self.crop_pct is not None and n >= _SQUASH_FROM:
             raise ConfigError(
@@ -233,21 +238,24 @@ def write_preprocessor_config(cfg: PreprocessConfig, directory: str | os.PathLik
     atomic_write_text(Path(directory) / PREPROCESSOR_CONFIG_NAME, text)
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.Image:
     """Decode ``source`` into an RGB PIL image, or raise ``ImageError`` with a one-line reason.
 
     Accepts a path, a PIL image, an ``HxWxC``/``HxW`` NumPy array, or a ``CxHxW``/``HxWxC``/``HxW``
     tensor (uint8 0..255 or float 0..1; C = 1, 3 or 4). EXIF orientation is applied, as
-    transformers' ``load_image`` does for files and PIL images alike.
+    transformers' ``load_image`` does for files and PIL images alike. Images of more than
+    ``max_pixels`` pixels are refused before decoding (None: Pillow's ``Image.MAX_IMAGE_PIXELS``, whose
+    warning never shows; 0: no limit).
     """
+    max_pixels = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels or None  # from here, None: no limit
     if isinstance(source, (str, os.PathLike)):
-        return _load_file(Path(source))
+        return _load_file(Path(source), max_pixels)
     if isinstance(source, Image.Image):
-        return _decoded(source, getattr(source, "filename", "") or "<PIL image>")
+        return _decoded(source, getattr(source, "filename", "") or "<PIL image>", max_pixels)
     if isinstance(source, torch.Tensor):
-        return _decoded(_tensor_to_pil(source), "<tensor>")
+        return _decoded(_tensor_to_pil(source), "<tensor>", max_pixels)
     if isinstance(source, np.ndarray):
-        return _decoded(_array_to_pil(source, "<array>"), "<array>")
+        return _decoded(_array_to_pil(source, "<array>"), "<array>", max_pixels)
     raise ImageError(
         f"unsupported image input {type(source).__name__}: expected a path, a PIL image, "
         "a NumPy array or a torch tensor"
@@ -256,7 +264,7 @@ def load_image(source: ImageSource) -> Image.Image:
 
 def preprocess(image: ImageSource, cfg: PreprocessConfig) -> torch.Tensor:
     """One image as a normalised float32 ``[3, image_size, image_size]`` tensor."""
-    rgb = _resize_and_crop(load_image(image), cfg)
+    rgb = _resize_and_crop(load_image(image, max_pixels=cfg.max_pixels), cfg)
     pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
     # transformers rescales in float64 and then casts; doing the same keeps us bit-identical.
     x = pixels.to(torch.float64).mul_(_RESCALE_FACTOR).to(torch.float32)
@@ -390,28 +398,47 @@ def _resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     return img.crop((left, top, left + n, top + n))
 
 
-def _load_file(path: Path) -> Image.Image:
-    if not path.exists():
-        problem = "no such file"
-    elif path.is_dir():
-        problem = "is a directory"
-    elif path.stat().st_size == 0:
-        problem = "empty file"
-    else:
-        problem = None
+def _load_file(path: Path, max_pixels: int | None) -> Image.Image:
+    problem = "no such file" if not path.exists() else "is a directory" if path.is_dir() else (
+        "empty file" if path.stat().st_size == 0 else None)
     if problem:
         raise ImageError(f"{path}: cannot read image: {problem}")
     try:
-        # Raises DecompressionBombError past twice Image.MAX_IMAGE_PIXELS, which we leave in place.
-        img = Image.open(path)
+        img = _open_header(path, max_pixels)
+    except ImageError:
+        raise
     except Exception as exc:
         raise ImageError(f"{path}: cannot read image: {_reason(exc)}") from exc
     with img:
-        return _decoded(img, path)
+        return _decoded(img, path, max_pixels)
 
 
-def _decoded(img: Image.Image, name: object) -> Image.Image:
+def _open_header(path: Path, max_pixels: int | None) -> Image.Image:
+    """``Image.open`` (the header only) with our limit in place of Pillow's: its warning is silenced,
+    and its refusal past twice its limit is lifted when ``max_pixels`` allows more."""
+    with _PILLOW_LIMIT, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        pillow = Image.MAX_IMAGE_PIXELS
+        if pillow is not None and (max_pixels is None or max_pixels > 2 * pillow):
+            Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError:
+            raise ImageError(_too_large(path, f"over {2 * pillow:,} pixels", max_pixels)) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow
+
+
+def _too_large(name: object, size: str, max_pixels: int) -> str:
+    return (f"{name}: refused before decoding: {size}, over the limit of {max_pixels:,} that guards against "
+            "decompression bombs; if you trust the file, raise it with --max-pixels N (max_pixels=N in Python)")
+
+
+def _decoded(img: Image.Image, name: object, max_pixels: int | None) -> Image.Image:
     """Fully decoded, upright, RGB copy of ``img``; every failure becomes a one-line ImageError."""
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(_too_large(name, f"{width}x{height} = {width * height:,} pixels", max_pixels))
     try:
         # Pillow decodes lazily; load() here makes truncation and corruption fail now, not mid-resize.
         img.load()
