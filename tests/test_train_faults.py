@@ -14,6 +14,7 @@ longest cases are marked slow (``pytest -m slow``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -350,8 +351,9 @@ def test_full_disk_errors_are_recognised_as_torch_and_the_os_report_them():
 @pytest.mark.parametrize("failing", ["last.pt", "best.pt"])
 def test_a_full_disk_while_checkpointing_is_one_line_and_the_previous_checkpoint_is_intact(failing, tmp_path, capsys,
                                                                                           monkeypatch):
-    """last.pt fails at its third write (step 15, one every 5 steps), best.pt at its first (the epoch's
-    end), each on /dev/full, a device that is always full."""
+    """A run of 8 steps writing last.pt every 2: last.pt fails at its third write (step 6), best.pt at its
+    first (the end of the run's only epoch, after last.pt at step 8), each on /dev/full, a device that
+    is always full. The run resumes from the checkpoint that was kept."""
     run = tmp_path / "run"
     real_save, writes, intact = torch.save, [], {}
 
@@ -364,14 +366,14 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_previous_checkpoint
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    rc = cli.main(["train", "--epochs", "1", "--checkpoint-every-steps", "5", "--output", str(run)])
+    rc = cli.main(["train", "--epochs", "1", "--max-steps", "8", "--checkpoint-every-steps", "2", "--output", str(run)])
     assert rc == 1 and one_line(capsys.readouterr().err) == (
         f"error: no space left on device writing {run / failing}; the previous checkpoint {run / 'last.pt'} is intact: "
         "free some space, then continue with --resume")
     assert file_hashes(run) == intact and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
-    assert torch.load(run / "last.pt", weights_only=True)["step"] == (10 if failing == "last.pt" else 20)
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == (4 if failing == "last.pt" else 8)
     monkeypatch.setattr(torch, "save", real_save)
-    assert cli.main(["train", "--resume", "--output", str(run)]) == 0
+    assert cli.main(["train", "--resume", "--output", str(run)]) == 0 and (run / "best.pt").is_file()
 
 
 def test_resume_after_the_data_gained_and_lost_classes_names_them(tmp_path, capsys):
@@ -396,11 +398,13 @@ def test_resume_after_the_data_gained_and_lost_classes_names_them(tmp_path, caps
 def test_resume_with_more_epochs_extends_the_run_as_if_started_with_them(digits_run, tmp_path, capsys):
     """One epoch, then --resume --epochs 2: the schedule is recomputed for 2 epochs. The first epoch is
     all warm-up, which does not depend on the length, so the result is byte-identical to the reference."""
-    cvt_train("--epochs", "1", "--deterministic", "--checkpoint-every-steps", "5", "--output", "run", cwd=tmp_path)
-    out = cvt_train("--resume", "--epochs", "2", "--output", "run", cwd=tmp_path).stdout
-    assert f"resuming {Path('run', 'last.pt')}: epoch 2, step 22; the schedule is recomputed for 2 epochs (was 1)" in out
-    assert_same_run(tmp_path / "run", digits_run)
     run = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "1", "--deterministic", "--checkpoint-every-steps", "5", "--output", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--epochs", "2", "--output", str(run)]) == 0
+    assert f"resuming {run / 'last.pt'}: epoch 2, step 22; the schedule is recomputed for 2 epochs (was 1)" in capsys.readouterr().out
+    assert_same_run(run, digits_run)
+    assert json.loads((run / "train_config.json").read_text())["epochs"] == 2
     before = file_hashes(run)
     assert cli.main(["train", "--resume", "--epochs", "1", "--output", str(run)]) == 1
     assert one_line(capsys.readouterr().err) == (
