@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 # The main job, offline: train cvt-tiny on scikit-learn's digits, evaluate it on the held-out split,
 # classify a few held-out digits saved as PNG files, and point at the learning curves.
 demo: setup
-	$(BIN)/cvt train --output $(RUN)
+	$(BIN)/cvt train --output $(RUN) --overwrite  # the demo's own folder: each `make demo` starts it over
 	$(BIN)/cvt eval --weights $(RUN) --data digits --save-images 8
 	$(BIN)/cvt predict --weights $(RUN) --top-k 3 $(RUN)/images
 	@echo "learning curves: $(RUN)/learning_curves.png   confusion matrix: $(RUN)/confusion_matrix.png"

@@ -10,10 +10,14 @@ hard-codes GELU where the official weights use QuickGELU.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 # One thread per test process: two OpenMP threads stall each other on a shared 2-core machine, and
 # `make test` runs two pytest workers (-n 2) instead.
@@ -113,3 +117,41 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+# ------------------------------------------------------------------------------------ training runs
+def cvt_train(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m torchcvt train ARGS`` in ``cwd``; fails the test on a non-zero exit."""
+    proc = subprocess.run([sys.executable, "-m", "torchcvt", "train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# Two deterministic epochs on the digits (22 steps each), checkpointing every 5 steps: the reference
+# that interrupted and resumed runs must end byte-identical to.
+DIGITS_RUN = ("--epochs", "2", "--deterministic", "--checkpoint-every-steps", "5")
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """The run folder of ``cvt train DIGITS_RUN``, never interrupted."""
+    cwd = tmp_path_factory.mktemp("digits")
+    cvt_train(*DIGITS_RUN, "--output", "run", cwd=cwd)
+    return cwd / "run"
+
+
+def image_folder(root: Path, classes: dict[str, int], size: int = 40) -> Path:
+    """``classes``: name -> number of images; each class has its own dominant colour."""
+    rng = np.random.default_rng(0)
+    for c, (name, count) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 128, (size, size, 3), dtype=np.uint8)
+            pixels[..., c % 3] += 127
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root

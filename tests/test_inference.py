@@ -186,7 +186,7 @@ def test_collect_images(tmp_path):
 def test_predict_as_a_real_command(small_checkpoint, tmp_path):
     img = save_image(tmp_path / "one.png", (40, 30), 0)
     proc = subprocess.run([sys.executable, "-m", "torchcvt", "predict", "--weights", str(small_checkpoint),
-                           "--format", "csv", "--top-k", "2", str(img)], capture_output=True, text=True, timeout=120)
+                           "--format", "csv", "--top-k", "2", str(img)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "path,rank,index,label,score" and len(lines) == 3

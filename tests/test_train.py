@@ -1,6 +1,7 @@
 """Training: the recipe's parts against hand computations and PyTorch references, then whole runs of
 ``cvt train`` (as subprocesses, or through ``cli.main`` in this process when they are short): resume
-after SIGKILL, 2-process torchrun, fine-tuning a transformers checkpoint, NaN loss, bad input."""
+2-process torchrun, fine-tuning a transformers checkpoint, NaN loss, bad input. Faults (kills, signals,
+protected run folders, a full disk) are in test_train_faults.py."""
 
 from __future__ import annotations
 
@@ -9,11 +10,8 @@ import dataclasses
 import io
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,17 +30,7 @@ from torchcvt.reproducibility import epoch_batches, stream_seed
 from torchcvt.train import RECIPES, TrainConfig, resolve_config
 from torchcvt.train_state import EMA
 
-
-def cvt_train(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m torchcvt train ARGS`` in ``cwd``; fails the test on a non-zero exit."""
-    proc = subprocess.run([sys.executable, "-m", "torchcvt", "train", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+from conftest import cvt_train, image_folder, read_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -115,9 +103,10 @@ def test_ema_by_hand():
     assert ema.module[1].num_batches_tracked == 7 and not ema.module[0].weight.requires_grad
 
 
-def _cross_rank_bn_worker(rank: int, store: str, x: torch.Tensor, grad_out: torch.Tensor, queue) -> None:
+def _cross_rank_bn_worker(rank: int, store: str, x: np.ndarray, grad_out: np.ndarray, queue) -> None:
     import torch.distributed as dist
 
+    x, grad_out = torch.from_numpy(x), torch.from_numpy(grad_out)
     # A file rendezvous: no TCP port to pick, so no race with other tests' processes.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     bn = CrossRankBatchNorm2d(4)
@@ -143,15 +132,17 @@ def test_cross_rank_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path):
     x = torch.randn(6, 4, 5, 5, generator=g) * 3 + 1
     grad_out = torch.randn(6, 4, 5, 5, generator=g)
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_cross_rank_bn_worker, args=(r, str(tmp_path / "store"), x, grad_out, queue))
+    # Only plain arrays cross the process boundary, both ways: torch.multiprocessing shares a tensor by
+    # file descriptor, served by the sending process, which may have exited by the time it is read.
+    procs = [ctx.Process(target=_cross_rank_bn_worker, args=(r, str(tmp_path / "store"), x.numpy(), grad_out.numpy(), queue))
              for r in range(2)]
     for p in procs:
         p.start()
     try:
-        results = {item[0]: [torch.from_numpy(a) for a in item[1:]] for item in (queue.get(timeout=300) for _ in procs)}
+        results = {item[0]: [torch.from_numpy(a) for a in item[1:]] for item in (queue.get(timeout=600) for _ in procs)}
     finally:
         for p in procs:
-            p.join(timeout=60)
+            p.join(timeout=600)
     assert [p.exitcode for p in procs] == [0, 0]
 
     ref = torch.nn.BatchNorm2d(4)
@@ -205,7 +196,7 @@ def test_every_option_comes_from_a_field_with_help_and_the_recipes_defaults():
     train.add_arguments(parser)
     text = " ".join(parser.format_help().split())
     given = vars(parser.parse_args([]))
-    assert set(given) == {f.name for f in dataclasses.fields(TrainConfig)} | {"resume"}
+    assert set(given) == {f.name for f in dataclasses.fields(TrainConfig)} | {"resume", "overwrite"}
     assert all(v in (None, False) for v in given.values())  # not given: resolve_config and the recipe decide
     assert all(a.help for a in parser._actions)
     # Each recipe's value, as resolve_config picks it.
@@ -233,17 +224,7 @@ def test_an_option_out_of_range_is_a_one_line_error_naming_it(option, value, mes
 
 
 # ------------------------------------------------------------------------------------ whole runs
-DIGITS_RUN = ("--epochs", "2", "--deterministic", "--checkpoint-every-steps", "5")
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory) -> Path:
-    """Two uninterrupted epochs on the digits (22 steps each), checkpointing every 5 steps."""
-    cwd = tmp_path_factory.mktemp("digits")
-    cvt_train(*DIGITS_RUN, "--output", "run", cwd=cwd)
-    return cwd / "run"
-
-
+# digits_run (conftest): two uninterrupted epochs on the digits (22 steps each), checkpointing every 5 steps.
 def test_run_folder_metrics_and_plots(digits_run):
     run = digits_run
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "train_config.json", "last.pt",
@@ -283,32 +264,6 @@ def test_eval_reads_the_best_checkpoint_of_a_run(digits_run, tmp_path, capsys):
     assert rc == 0 and result["top1"] == max(r["val_top1"] for r in read_metrics(digits_run))
 
 
-def test_resume_after_sigkill_is_bit_identical(digits_run, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "torchcvt", "train", *DIGITS_RUN, "--output", "run"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "run" / "last.pt"
-    try:
-        deadline = time.monotonic() + 240
-        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)  # mid-epoch: the first checkpoint is at step 5 of 22
-    finally:
-        proc.kill()
-        proc.wait()
-    killed_at = torch.load(last, weights_only=True)
-    assert 0 < killed_at["step"] < 44 and not (tmp_path / "run" / "model.safetensors").exists()
-
-    out = cvt_train("--resume", "--output", "run", cwd=tmp_path).stdout
-    assert f"epoch {killed_at['epoch'] + 1}, step {killed_at['step']}" in out
-    resumed = tmp_path / "run" / "model.safetensors"
-    assert resumed.read_bytes() == (digits_run / "model.safetensors").read_bytes()
-    a, b = load_file(resumed), load_file(digits_run / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    for x, y in zip(read_metrics(tmp_path / "run"), read_metrics(digits_run)):
-        assert {k: v for k, v in x.items() if k not in ("images_per_sec", "epoch_seconds")} == \
-               {k: v for k, v in y.items() if k not in ("images_per_sec", "epoch_seconds")}
-
-
 def test_torchrun_two_processes_match_one(tmp_path):
     """The same 8 steps (global batch 64) in 1 process and in 2 gloo processes of 32 images each."""
     common = ("--epochs", "1", "--max-steps", "8")
@@ -316,7 +271,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "torchcvt", "train", *common, "--output", "two"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "= 2 process(es) x 32 x 1 accumulation" in proc.stdout
@@ -334,23 +289,11 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert abs(m2["val_top1"] - m1["val_top1"]) <= 1 / 360
 
 
-def _image_folder(root: Path, classes: dict[str, int], size: int = 40) -> Path:
-    """``classes``: name -> number of images; each class has its own dominant colour."""
-    rng = np.random.default_rng(0)
-    for c, (name, count) in enumerate(classes.items()):
-        (root / name).mkdir(parents=True)
-        for i in range(count):
-            pixels = rng.integers(0, 128, (size, size, 3), dtype=np.uint8)
-            pixels[..., c % 3] += 127
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
-
-
 def test_finetune_transformers_checkpoint_with_a_new_head(reference, tmp_path, caplog):
     from transformers import CvtForImageClassification
 
     _, hf_dir = reference("tiny")  # 7 classes
-    data = _image_folder(tmp_path / "pets", {"cat": 4, "dog": 4, "fox": 4})
+    data = image_folder(tmp_path / "pets", {"cat": 4, "dog": 4, "fox": 4})
     out = tmp_path / "ft"
     rc = cli.main(["train", "--data", str(data), "--weights", str(hf_dir), "--epochs", "1", "--batch-size", "3",
                    "--image-size", "64", "--val-fraction", "0.25", "--workers", "0", "--output", str(out)])
@@ -366,6 +309,22 @@ def test_finetune_transformers_checkpoint_with_a_new_head(reference, tmp_path, c
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
     assert hf.config.id2label == {0: "cat", 1: "dog", 2: "fox"}
+
+
+def test_transformers_loads_the_run_folder_of_the_default_model(digits_run):
+    """`cvt train`'s default model, cvt-tiny (depths 1, 2, 3: transformers cannot build a stage i of depth
+    <= i), loads in transformers from the run folder with every weight, and computes what torchcvt
+    computes with transformers' activation (GELU where the official models use QuickGELU)."""
+    from transformers import CvtForImageClassification
+
+    assert json.loads((digits_run / "train_config.json").read_text())["model"] == TrainConfig().model == "cvt-tiny"
+    hf, info = CvtForImageClassification.from_pretrained(digits_run, output_loading_info=True)
+    assert not any(info.values()), info
+    ours = torchcvt.load_model(digits_run, hidden_act="gelu").eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf.eval()(x).logits, atol=1e-4, rtol=1e-4)
+    assert hf.config.id2label == {i: str(i) for i in range(10)}
 
 
 def test_bf16_ema_accumulation_and_clipping_run_and_the_saved_model_is_the_ema(tmp_path, capsys):
@@ -400,18 +359,18 @@ def test_bad_input_is_a_one_line_error(case, tmp_path, capsys):
     if case == "missing":
         expected = f"error: data not found: {data}"
     elif case == "empty class":
-        _image_folder(data, {"a": 2})
+        image_folder(data, {"a": 2})
         (data / "b").mkdir()
         expected = f"error: {data / 'b'}: class folder has no images"
     elif case == "one class":
-        _image_folder(data, {"a": 3})
+        image_folder(data, {"a": 3})
         expected = f"error: {data}: found 1 class (a); classification needs at least 2 classes"
     elif case == "batch too large":
-        _image_folder(data, {"a": 3, "b": 3})
+        image_folder(data, {"a": 3, "b": 3})
         args += ["--batch-size", "8", "--val-fraction", "0.3"]
         expected = f"error: --batch-size 8 is larger than the training set (4 images in {data}); lower it"
     else:
-        _image_folder(data, {"a": 3, "b": 3})
+        image_folder(data, {"a": 3, "b": 3})
         (data / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
         expected = f"error: {data / 'b' / 'broken.png'}: unreadable image"
     rc = cli.main(["train", "--data", str(data), "--output", str(tmp_path / "run"), *args])
@@ -425,7 +384,7 @@ def test_an_image_that_fails_to_decode_in_a_worker_stops_the_run_naming_it(tmp_p
     decodes it: the worker's traceback is reduced to the one-line cause."""
     data = tmp_path / "data"
     for split, count in (("train", 4), ("val", 1)):
-        _image_folder(data / split, {"a": count, "b": count})
+        image_folder(data / split, {"a": count, "b": count})
     bad = data / "train" / "a" / "truncated.jpg"
     encoded = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(encoded, format="JPEG")
@@ -437,7 +396,7 @@ def test_an_image_that_fails_to_decode_in_a_worker_stops_the_run_naming_it(tmp_p
 
 
 def test_skip_bad_images_counts_them_and_trains_with_the_paper_recipe(tmp_path, capsys):
-    data = _image_folder(tmp_path / "data", {"a": 4, "b": 4})
+    data = image_folder(tmp_path / "data", {"a": 4, "b": 4})
     (data / "a" / "broken.png").write_bytes(b"garbage")
     rc = cli.main(["train", "--data", str(data), "--model", "cvt-tiny", "--image-size", "32", "--epochs", "1",
                    "--batch-size", "2", "--workers", "0", "--skip-bad-images", "--output", str(tmp_path / "run")])

@@ -4,7 +4,8 @@ Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK in the environment) ``setup_dev
 process group (NCCL on CUDA, gloo on CPU) and picks ``cuda:LOCAL_RANK``; the trainer wraps its model
 in DDP. The BatchNorms inside CvT's attention compute their statistics over the whole global batch
 (``convert_batchnorm``): ``nn.SyncBatchNorm`` on GPUs, ``CrossRankBatchNorm2d`` on CPUs, where
-SyncBatchNorm refuses to run. With no per-rank randomness (no mixup, drop path or dropout) N
+SyncBatchNorm refuses to run. ``Dist.agree`` and ``Dist.on_main`` carry the loop's small decisions
+(stop, checkpoint, a refusal of rank 0) over a CPU group, so they never wait for a GPU. With no per-rank randomness (no mixup, drop path or dropout) N
 processes and one process therefore compute the same steps, up to float rounding.
 """
 
@@ -12,12 +13,18 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn.functional import all_reduce
+
+from .errors import TorchCvTError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -28,6 +35,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    control: Any = field(default=None, repr=False, compare=False)  # process group for CPU messages (None: the default)
 
     @classmethod
     def from_env(cls) -> "Dist":
@@ -50,6 +58,31 @@ class Dist:
         if self.enabled:
             dist.all_reduce(tensor, op=op)
         return tensor
+
+    def agree(self, values: list[int]) -> list[int]:
+        """The maximum of each value over all ranks (on the CPU: no GPU sync)."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control)
+        return tensor.tolist()
+
+    def on_main(self, fn: Callable[[], T]) -> T | None:
+        """``fn()`` on rank 0 alone, returned there (None on the other ranks); a TorchCvTError it raises
+        is raised on every rank, so all of them stop with the same message."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except TorchCvTError as exc:
+                error = exc
+        if self.enabled:
+            box = [error]
+            dist.broadcast_object_list(box, src=0, group=self.control)
+            error = box[0]
+        if error is not None:
+            raise error
+        return result
 
     def close(self) -> None:
         """Wait for every rank, then leave the process group."""
@@ -74,6 +107,8 @@ def setup_device(device: str | None = None) -> tuple[Dist, torch.device]:
         # CrossRankBatchNorm2d's all-reduce: torch 2.13 suggests its private functional collectives
         # instead, which compute the same sum with the same gradient (pyproject pins torch < 2.14).
         warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated")
+    if d.enabled and dist.get_backend() != "gloo":
+        d.control = dist.new_group(backend="gloo")  # for agree/on_main: small messages on the CPU
     return d, target
 
 

@@ -40,3 +40,14 @@ def build_optimizer(
     schedule = dict(lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, **schedule) / lr)
     return optimizer, scheduler
+
+
+def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimizer's learning rate to the schedule's value at the step the scheduler is at.
+
+    After a checkpoint is restored the optimizer holds the rate the *saved* schedule gave; when the
+    run resumes with another ``--epochs`` (extended), this re-reads it from the new schedule, so every
+    later step gets the rate a run started with the new ``--epochs`` has at that step. (With the same
+    schedule it sets the very value that was saved.)"""
+    scheduler.last_epoch -= 1
+    scheduler.step()  # recomputes lr_at(last_epoch) for every group

@@ -7,7 +7,9 @@ state. ``best.pt`` holds the weights validated best. Both are plain containers a
 ``torch.load(weights_only=True)`` reads, and ordinary checkpoints for ``load_model``, ``cvt eval``
 and ``cvt predict``. ``metrics.jsonl``/``.csv`` and the learning curves are rewritten from the
 whole history every epoch; ``describe_run``, ``epoch_line`` and ``run_summary`` are what the run prints.
-Every file is written atomically.
+Every file is written atomically (checkpoints also synced to disk), and a full disk is one line that
+says the previous checkpoint is intact. ``check_resumable`` refuses a resume whose data lost or gained
+classes, naming them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +31,14 @@ from torch import nn
 
 from .datasets import DataSplits, describe
 from .distributed import Dist
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, DataError
 from .evaluate import EvalResult
 from .fileio import atomic_save, atomic_write_text
 from .plots import plot_learning_curves
 from .reproducibility import rng_state, set_rng_state
+from .runs import disk_full_is_one_line
 
 logger = logging.getLogger("torchcvt")
-
-# What a run writes in its folder (a new run in the same folder removes them first).
-RUN_FILES = ("last.pt", "best.pt", "train_config.json", "metrics.jsonl", "metrics.csv",
-             "learning_curves.png", "config.json", "model.safetensors", "preprocessor_config.json")
 
 
 def _no_stats() -> dict[str, Any]:
@@ -170,7 +170,18 @@ def restore(state: dict[str, Any], model: nn.Module, ema: EMA | None, optimizer:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_save(lambda tmp: torch.save(state, tmp), path)
+    """``state`` to ``path`` atomically and synced to disk; on a full disk a one-line DiskFullError
+    (the old file stays as it was)."""
+    def write(tmp: str) -> None:
+        # Through a Python file: a full disk then raises OSError(ENOSPC), where torch's own file
+        # writer says "unexpected pos" or "iostream error".
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    with disk_full_is_one_line(path, path.parent / "last.pt"):
+        atomic_save(write, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -184,16 +195,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read the training checkpoint ({reason})") from None
 
 
-def start_run_folder(out: Path, train_config: Any) -> None:
-    """A fresh run: remove what an earlier run in the same folder wrote, then save the options."""
-    old = [name for name in RUN_FILES if (out / name).exists()]
-    if old:
-        logger.warning("%s holds an earlier run (%s); starting a new one over it (--resume continues the old one)",
-                       out, ", ".join(old))
-        for name in old:
-            (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(train_config), indent=2) + "\n")
+def write_train_config(out: Path, train_config: Any) -> None:
+    """``train_config.json``: every option of the run, resolved (rewritten when a resume extends it)."""
+    with disk_full_is_one_line(out / "train_config.json", out / "last.pt"):
+        atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(train_config), indent=2) + "\n")
+
+
+def check_resumable(state: dict[str, Any], train_config: Any, splits: DataSplits, path: Path) -> None:
+    """One-line errors for a resume of the checkpoint ``state`` (read from ``path``) that cannot continue
+    it: data whose classes changed since the run started, or fewer ``epochs`` than it has completed."""
+    before = {int(k): v for k, v in (state["config"].get("id2label") or {}).items()}
+    if before and before != splits.id2label:
+        old, new = set(before.values()), set(splits.id2label.values())
+        changes = [f"{what} {_names(names)}" for what, names in (("new", new - old), ("missing", old - new)) if names]
+        raise DataError(f"--resume: the classes of {train_config.data} differ from those the run in {path.parent} "
+                        f"started with: {'; '.join(changes) or 'the same names in another order'} ({len(new)} classes "
+                        f"now, {len(old)} then); resume with the original data, or fine-tune from it (--weights {path})")
+    if train_config.epochs < state["epoch"]:
+        raise ConfigError(f"--epochs {train_config.epochs}: the run in {path.parent} has already completed {state['epoch']} "
+                          "epochs; give more to extend it")
+
+
+def _names(names: set[str], shown: int = 10) -> str:
+    ordered = sorted(names)
+    return ", ".join(ordered[:shown]) + (f", ... ({len(ordered)} in all)" if len(ordered) > shown else "")
 
 
 def describe_run(cfg: Any, splits: DataSplits, model: nn.Module, world_size: int, steps_per_epoch: int) -> str:
@@ -233,10 +258,11 @@ def run_summary(history: list[dict[str, Any]], out: Path) -> str:
 def write_metrics(history: list[dict[str, Any]], out: Path) -> None:
     """``metrics.jsonl`` and ``metrics.csv`` rewritten from the whole history (resume-safe) and the
     learning-curve PNG redrawn."""
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
-    atomic_write_text(out / "metrics.csv", buffer.getvalue())
-    plot_learning_curves(history, out / "learning_curves.png")
+    with disk_full_is_one_line(f"the metrics in {out}", out / "last.pt"):
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+        atomic_write_text(out / "metrics.csv", buffer.getvalue())
+        plot_learning_curves(history, out / "learning_curves.png")
