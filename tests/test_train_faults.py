@@ -32,7 +32,8 @@ from torchcvt import cli
 from torchcvt.distributed import Dist
 from torchcvt.optimization import build_optimizer, follow_schedule, lr_at
 from torchcvt.run_control import RunControl
-from torchcvt.runs import LOCK_FILE, RUN_FILES, is_disk_full
+from torchcvt.fileio import is_disk_full
+from torchcvt.runs import LOCK_FILE, RUN_FILES
 from torchcvt.train_state import EpochMeter
 
 from conftest import DIGITS_RUN, cvt_train, image_folder, read_metrics

@@ -23,7 +23,6 @@ checkpoint is intact (files are written atomically: a failed write leaves the ol
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import socket
@@ -33,7 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import TorchCvTError
+from .errors import DiskFullError, TorchCvTError
+from .fileio import is_disk_full
 
 try:
     import fcntl
@@ -49,10 +49,6 @@ OPTION = "--output"
 
 class RunFolderError(TorchCvTError):
     """``--output`` cannot hold this run: a file, not writable, in use, or holding another run."""
-
-
-class DiskFullError(TorchCvTError, OSError):
-    """No space left on the device while writing a file of the run."""
 
 
 @dataclass
@@ -168,24 +164,6 @@ def _not_writable(path: Path, exc: OSError) -> RunFolderError:
 
 
 # ------------------------------------------------------------------------------------- full disk
-_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-# What torch.save raises when the file system stops taking bytes (torch writes through C++ streams).
-_TORCH_WRITE_FAILED = re.compile(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing file|No space left on device")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an error it came from) says the disk or the quota is full."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
-            return True
-        if isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILED.search(str(exc)):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 @contextmanager
 def disk_full_is_one_line(path: str | os.PathLike, checkpoint: Path) -> Iterator[None]:
     """Writing ``path``: a full disk becomes a DiskFullError naming it and saying whether ``checkpoint``
@@ -193,7 +171,7 @@ def disk_full_is_one_line(path: str | os.PathLike, checkpoint: Path) -> Iterator
     try:
         yield
     except (OSError, RuntimeError) as exc:
-        if not is_disk_full(exc):
+        if not (isinstance(exc, DiskFullError) or is_disk_full(exc)):
             raise
         kept = (f"the previous checkpoint {checkpoint} is intact: free some space, then continue with --resume"
                 if checkpoint.is_file() else "no checkpoint was written yet: free some space and start again")
