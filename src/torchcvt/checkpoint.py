@@ -33,6 +33,7 @@ import torch
 from .config import CvTConfig
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_save
+from .modelcard import transformers_compatible, write_model_card
 from .transforms import PreprocessConfig, read_preprocessor_config, write_preprocessor_config
 
 logger = logging.getLogger("torchcvt")
@@ -348,18 +349,20 @@ def image_size_from_name(path: Path) -> int | None:
 
 # ------------------------------------------------------------------------------------ writing
 def save_pretrained(
-    model: Any, directory: str | os.PathLike, *, safe_serialization: bool = True, preprocess: PreprocessConfig | None = None
+    model: Any, directory: str | os.PathLike, *, safe_serialization: bool = True, preprocess: PreprocessConfig | None = None,
+    model_card: bool = True,
 ) -> Path:
     """Write transformers' layout: ``config.json``, ``model.safetensors`` (or ``pytorch_model.bin``),
-    and ``preprocessor_config.json`` describing the evaluation transform of the weights (default:
-    the official recipe for the model's resolution). ``model`` needs only ``state_dict()`` and a
-    ``config`` (a CvTConfig). Returns the directory."""
+    ``preprocessor_config.json`` describing the evaluation transform of the weights (default: the
+    official recipe for the model's resolution) and, with ``model_card``, a ``README.md`` model card
+    (modelcard.py; a README.md torchcvt did not write is kept). ``model`` needs only ``state_dict()``
+    and a ``config`` (a CvTConfig). Returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: CvTConfig = model.config
-    if any(m != "dw_bn" for m in config.qkv_projection_method) or any(config.cls_token[:-1]):
-        logger.warning("transformers' CvT supports only dw_bn projections and a cls token in the last stage; "
-                       "%s is readable by torchcvt but not by transformers", directory)
+    if not transformers_compatible(config):
+        logger.warning("transformers' CvT supports only dw_bn projections, a cls token in the last stage (and its "
+                       "pooling), and no stage i with i blocks or fewer: %s is for torchcvt only", directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     hf_state = to_transformers_state_dict(state)
     if safe_serialization:
@@ -372,6 +375,9 @@ def save_pretrained(
         (directory / "model.safetensors").unlink(missing_ok=True)
     config.save(directory / "config.json")
     write_preprocessor_config(preprocess or PreprocessConfig.for_resolution(config.image_size), directory)
+    if model_card:
+        params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
+        write_model_card(directory, config, pretrained_cfg=getattr(model, "pretrained_cfg", None), num_params=params)
     return directory
 
 

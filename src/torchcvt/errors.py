@@ -19,3 +19,7 @@ class ImageError(TorchCvTError, ValueError):
 
 class DataError(TorchCvTError, ValueError):
     """A dataset is missing, empty or malformed."""
+
+
+class HubError(TorchCvTError):
+    """The Hugging Face Hub cannot be reached, refuses a request, or is switched off (offline mode)."""
