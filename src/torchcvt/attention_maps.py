@@ -153,7 +153,8 @@ def render(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="the image file")
     parser.add_argument("--weights", required=True, help="registry name (see `cvt models`) or hub id, checkpoint folder or file")
-    parser.add_argument("--output", required=True, help="the PNG to write")
+    parser.add_argument("--output", default=None,
+                        help="the PNG to write (default: the image's name + _attention.png, in the current folder)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity, 0..1 (default: 0.5)")
     parser.add_argument("--dpi", type=int, default=DEFAULT_DPI,
@@ -181,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     best = int(probs.argmax())
     title = f"{Path(args.image).name}: {class_labels(model)[best]} ({probs[best]:.1%})"
     rgb = denormalize(pixels.float().cpu(), pre.mean, pre.std).permute(1, 2, 0).numpy()  # the crop the model saw
-    path = render(rgb, maps.cpu(), args.output, title=title, alpha=args.alpha, dpi=args.dpi)
+    output = args.output or f"{Path(args.image).stem}_attention.png"
+    path = render(rgb, maps.cpu(), output, title=title, alpha=args.alpha, dpi=args.dpi)
     print(f"wrote {path}: {title}")
     return 0

@@ -288,7 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="compute dtype (float16: CUDA only)")
     parser.add_argument("--format", default="table", choices=("table", "json", "csv"),
                         help="table (default), json (JSON Lines: one object per image) or csv (path,rank,index,label,score)")
-    parser.add_argument("--output", default=None, help="write results to this file instead of stdout (streamed, not atomic)")
+    parser.add_argument("--output", default=None, help="write results to this file (default: stdout; streamed, not atomic)")
     parser.add_argument("--on-error", default="stop", choices=("stop", "skip"),
                         help="unreadable image or path: stop with an error (default) or skip it, name it and count it")
     parser.add_argument("--workers", type=int, default=None,
