@@ -33,7 +33,7 @@ import torch
 from .config import CvTConfig
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_save
-from .modelcard import transformers_compatible, write_model_card
+from .modelcard import UNBUILDABLE, transformers_differences, write_model_card
 from .transforms import PreprocessConfig, read_preprocessor_config, write_preprocessor_config
 
 logger = logging.getLogger("torchcvt")
@@ -360,9 +360,11 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: CvTConfig = model.config
-    if not transformers_compatible(config):
-        logger.warning("transformers' CvT supports only dw_bn projections, a cls token in the last stage (and its "
-                       "pooling), and no stage i with i blocks or fewer: %s is for torchcvt only", directory)
+    # Differences transformers would not notice (one it cannot build fails loudly there; the model card says so).
+    silent = [d for d in transformers_differences(config) if d != UNBUILDABLE]
+    if silent:
+        logger.warning("transformers' CvT does not support %s: %s is readable by torchcvt, not by transformers",
+                       ", ".join(silent), directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     hf_state = to_transformers_state_dict(state)
     if safe_serialization:

@@ -102,6 +102,14 @@ class EvalResult:
         return out
 
 
+def _images_in(loader: DataLoader) -> int | None:
+    """How many images this process evaluates (its shard under a DistributedSampler), when known."""
+    try:
+        return len(loader.sampler)
+    except TypeError:
+        return None
+
+
 def _ratios(numerators: torch.Tensor, denominators: torch.Tensor) -> list[float | None]:
     return [n / d if d else None for n, d in zip(numerators.tolist(), denominators.tolist())]
 
@@ -139,8 +147,7 @@ def evaluate(
     kept: list[tuple[torch.Tensor, ...]] = []
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(loader.dataset) if hasattr(loader.dataset, "__len__") else None, unit="img", desc="eval",
-               file=sys.stderr, disable=None if progress else True, leave=False)
+    bar = tqdm(total=_images_in(loader), unit="img", desc="eval", file=sys.stderr, disable=None if progress else True, leave=False)
     try:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -91,13 +91,18 @@ def model_card(
     preprocess: PreprocessConfig | None = None,
     repo_id: str | None = None,
 ) -> str:
-    """The card's text. ``pretrained_cfg``: the model's (its registry name and that entry's public
-    weights, licence and preprocessing). ``metrics``: name -> value, accuracies as fractions
-    (``top1``, ``top5``, ``val_top1``, ...), anything else shown as is. ``data``: a description, or
-    a mapping with ``name`` (and ``hub_dataset``, a hub dataset id) and any counts. ``recipe``:
-    training options, name -> value. ``base_model``: the hub id of the weights it was fine-tuned
-    from. ``repo_id``: where it will live; by default the usage snippets name ``PLACEHOLDER_REPO``,
-    which ``push_to_hub`` replaces with the repository it uploads to."""
+    """The card's text.
+
+    ``pretrained_cfg``: the model's (its registry name; that entry's public weights and licence).
+    ``metrics``: name -> value, accuracies as fractions (``top1``, ``top5``, ``val_top1``, ...),
+    anything else shown as is. ``data``: a description, or a mapping with ``name`` (and
+    ``hub_dataset``, a hub dataset id) and any counts. ``recipe``: training options, name -> value.
+    ``base_model``: the hub id of the weights it was fine-tuned from. ``num_params``: shown if given.
+    ``preprocess``: the evaluation transform (default: the official recipe for the model's size;
+    ``write_model_card`` passes the folder's ``preprocessor_config.json``). ``repo_id``: where it
+    will live; by default the usage snippets name ``PLACEHOLDER_REPO``, which ``push_to_hub``
+    replaces with the repository it uploads to.
+    """
     from huggingface_hub import EvalResult, ModelCardData
 
     cfg = dict(pretrained_cfg or {})
@@ -118,7 +123,7 @@ def model_card(
         tags=["image-classification", "vision", "cvt", "torchcvt"], datasets=[str(dataset)] if dataset else None,
         metrics=["accuracy"], base_model=base_model, model_name=name if results else None, eval_results=results or None,
     )
-    pre = preprocess or _preprocess_of(cfg, config)
+    pre = preprocess or PreprocessConfig.for_resolution(config.image_size)
     sections = [
         f"# {name}",
         _summary(config, cfg, name, num_params, base_model),
@@ -134,13 +139,23 @@ def model_card(
     return f"---\n{card_data.to_yaml()}\n---\n{MARKER}\n\n" + "\n\n".join(sections) + "\n"
 
 
-def transformers_compatible(config: CvTConfig) -> bool:
-    """Whether transformers' CvT computes this layout: dw_bn projections, a cls token in the last stage
-    at most, the pooling it hard-codes (the cls token with one, else the mean), and no stage i with
-    i blocks or fewer (it indexes its drop-path list by stage)."""
-    official_pool = "token" if config.cls_token[-1] else "avg"
-    return (all(m == "dw_bn" for m in config.qkv_projection_method) and not any(config.cls_token[:-1])
-            and config.pool == official_pool and all(d > i for i, d in enumerate(config.depth)))
+UNBUILDABLE = "a stage i with i blocks or fewer"  # transformers indexes its drop-path list by stage
+
+
+def transformers_differences(config: CvTConfig) -> list[str]:
+    """What of this layout transformers' CvT does not compute (empty: it computes what torchcvt does,
+    up to the activation). It knows only dw_bn projections, a cls token in the last stage at most,
+    its own pooling (the cls token with one, else the mean), and cannot build ``UNBUILDABLE``."""
+    found = []
+    if any(m != "dw_bn" for m in config.qkv_projection_method):
+        found.append(f"q/k/v projections {list(config.qkv_projection_method)}")
+    if any(config.cls_token[:-1]):
+        found.append("a cls token before the last stage")
+    if config.pool != ("token" if config.cls_token[-1] else "avg"):
+        found.append(f"global_pool={config.pool!r}")
+    if any(d <= i for i, d in enumerate(config.depth)):
+        found.append(UNBUILDABLE)
+    return found
 
 
 # ----------------------------------------------------------------------------------- sections
@@ -223,13 +238,6 @@ def _metrics_text(metrics: Mapping[str, Any] | None) -> str:
     return _table(rows) if rows else "None recorded."
 
 
-def _preprocess_of(cfg: Mapping[str, Any], config: CvTConfig) -> PreprocessConfig:
-    if cfg.get("input_size"):
-        return PreprocessConfig(cfg["input_size"][-1], cfg.get("crop_pct"), cfg.get("interpolation", "bicubic"),
-                                cfg.get("mean"), cfg.get("std"))
-    return PreprocessConfig.for_resolution(config.image_size)
-
-
 def _preprocess_text(pre: PreprocessConfig) -> str:
     s = pre.image_size
     if pre.crop_pct is None:
@@ -279,7 +287,7 @@ model = CvtForImageClassification.from_pretrained("{repo}").eval()
     code += """inputs = processor(images=image, return_tensors="pt")  # image: a PIL image
 logits = model(**inputs).logits
 ```"""
-    if not transformers_compatible(config):
-        note += (" Note: transformers' CvT supports only `dw_bn` projections, a cls token in the last stage (and its "
-                 "pooling), and no stage i with i blocks or fewer; this model differs, so use torchcvt.")
+    differences = transformers_differences(config)
+    if differences:
+        note += f" Note: transformers' CvT does not support {', '.join(differences)}: use torchcvt for this model."
     return code + "\n\n" + note
