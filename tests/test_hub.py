@@ -226,3 +226,5 @@ def test_push_errors_are_one_line(tmp_path, offline_hub, monkeypatch, capsys):
         torchcvt.push_to_hub(folder, "not a repo id")
     with pytest.raises(ConfigError, match="no such file or folder"):
         torchcvt.push_to_hub(tmp_path / "missing", "me/x")
+    with pytest.raises(ConfigError, match="got FeatureListNet"):
+        torchcvt.push_to_hub(torchcvt.create_model("cvt-tiny", features_only=True), "me/x")

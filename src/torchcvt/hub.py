@@ -26,6 +26,7 @@ from torch import nn
 from .checkpoint import WEIGHT_FILES, is_hub_id, save_pretrained
 from .config import CvTConfig
 from .errors import ConfigError, HubError
+from .model import CvT
 from .modelcard import CARD_NAME, PLACEHOLDER_REPO, is_torchcvt_card, model_card
 from .pretrained import load_model, preprocess_config_of
 from .transforms import PREPROCESSOR_CONFIG_NAME, read_preprocessor_config
@@ -76,7 +77,7 @@ def _transformers_folder(folder_or_model: Any, source: Path | None, tmp: Path) -
     if source is not None and source.is_dir() and (source / "config.json").is_file() and any((source / w).is_file() for w in WEIGHT_FILES):
         return source
     model = folder_or_model if source is None else load_model(source)
-    if not isinstance(getattr(model, "config", None), CvTConfig):
+    if not isinstance(model, CvT):  # a features_only model, say, is no classifier to publish
         raise ConfigError(f"push_to_hub takes a torchcvt CvT, a folder or a checkpoint file, got {type(model).__name__}")
     return save_pretrained(model, tmp, preprocess=preprocess_config_of(model))
 
