@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,94 @@ def test_eval_errors_are_one_line(digits_checkpoint, tmp_path, capsys):
     rc = cli.main(["eval", "--weights", str(tmp_path / "three"), "--data", "digits"])
     err = capsys.readouterr().err
     assert rc == 1 and err == "error: digits has 10 classes but the model has 3; evaluate on data with the model's classes\n"
+
+
+def test_per_class_precision_recall_f1_match_sklearn():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    torch.manual_seed(0)
+    logits = torch.randn(60, 6)
+    logits[:, 5] -= 100  # class 5: present, never predicted (precision undefined, F1 0)
+    logits[:, 4] -= 100  # class 4: neither present nor predicted (F1 undefined)
+    y = torch.randint(0, 4, (60,))
+    y[:3] = 5
+    # A model whose logits are its input: evaluate() sees exactly these predictions.
+    model = torch.nn.Linear(6, 6)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(6))
+        model.bias.zero_()
+    result = evaluate(model, DataLoader(TensorDataset(logits, y), batch_size=16), num_classes=6)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y.numpy(), logits.argmax(-1).numpy(), labels=list(range(6)), zero_division=np.nan)
+    for ours, theirs in ((result.per_class_precision, precision), (result.per_class_recall, recall), (result.per_class_f1, f1)):
+        np.testing.assert_allclose([np.nan if v is None else v for v in ours], theirs, rtol=1e-12)
+    assert result.per_class_precision[5] is None and result.per_class_f1[5] == 0 and result.per_class_f1[4] is None
+    out = result.to_dict()
+    assert out["top5"] == result.top5 and out["per_class_f1"]["5"] == 0.0  # six classes: top-5 is reported
+    assert result.predictions is None  # kept only when asked
+
+
+@pytest.mark.filterwarnings("ignore:'k' .* greater than or equal to 'n_classes'")
+def test_keep_topk_predictions_in_loader_order():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x, y = torch.randn(10, 3, 2, 2), torch.randint(0, 3, (10,))
+    result = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=4), num_classes=3, keep_topk=5)
+    with torch.no_grad():
+        probs = model(x).softmax(-1)
+    top = probs.topk(3, dim=-1)
+    torch.testing.assert_close(result.predictions.scores, top.values)
+    assert torch.equal(result.predictions.indices, top.indices) and torch.equal(result.predictions.targets, y)
+    torch.testing.assert_close(result.predictions.target_scores, probs[torch.arange(10), y])
+    assert "top5" not in result.to_dict() and "top5_k" not in result.to_dict()  # 3 classes: top-k would always hit
+
+
+def test_eval_errors_csv_lists_the_misclassified_digits(digits_checkpoint, tmp_path, capsys):
+    import csv
+
+    model, directory = digits_checkpoint
+    errors = tmp_path / "wrong.csv"
+    rc = cli.main(["eval", "--weights", str(directory), "--data", "digits", "--output", str(tmp_path / "cm.png"),
+                   "--errors", str(errors), "--format", "json"])
+    out = json.loads(capsys.readouterr().out)
+    val = build_datasets("digits", image_size=32).val
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        probs = model(x).softmax(-1)
+    wrong = (probs.argmax(-1) != y).nonzero()[:, 0].tolist()
+    with open(errors, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rc == 0 and out["misclassified"] == len(wrong) == len(rows) > 0 and out["errors_csv"] == str(errors)
+    for i, row in zip(wrong, rows):
+        top = probs[i].topk(5)
+        assert row["path"] == f"digits:val:{i}" and int(row["true_index"]) == y[i] and row["true_label"] == str(int(y[i]))
+        assert float(row["true_score"]) == pytest.approx(probs[i, y[i]].item(), abs=1e-6)
+        assert [int(row[f"pred_{r}_index"]) for r in range(1, 6)] == top.indices.tolist()
+        assert [float(row[f"pred_{r}_score"]) for r in range(1, 6)] == pytest.approx(top.values.tolist(), abs=1e-6)
+    # The per-class F1 printed equals scikit-learn's on the same predictions.
+    from sklearn.metrics import f1_score
+
+    ref = f1_score(y.numpy(), probs.argmax(-1).numpy(), average=None, labels=list(range(10)))
+    assert list(out["per_class_f1"].values()) == pytest.approx(list(ref))
+
+
+def test_eval_with_few_classes_shows_no_top5_and_lists_files(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "owl"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    torch.manual_seed(0)
+    torchcvt.save_pretrained(torchcvt.create_model("cvt-tiny", num_classes=3), tmp_path / "model")
+    argv = ["eval", "--weights", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--split", "train",
+            "--output", str(tmp_path / "cm.png"), "--errors", str(tmp_path / "wrong.csv"), "--workers", "0"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "top-3" not in out and "top-5" not in out and "precision" in out
+    text = (tmp_path / "wrong.csv").read_text().splitlines()
+    assert text[0] == ("path,true_index,true_label,true_score,pred_1_index,pred_1_label,pred_1_score,"
+                       "pred_2_index,pred_2_label,pred_2_score,pred_3_index,pred_3_label,pred_3_score")
+    assert all(Path(line.split(",")[0]).is_file() for line in text[1:])
+    assert cli.main([*argv, "--format", "json"]) == 0
+    assert "top5" not in json.loads(capsys.readouterr().out)

@@ -212,11 +212,14 @@ def test_pretrained_offline_without_a_copy_is_one_line(offline_hub):
 
 
 def test_pretrained_cfg_of_names_configs_and_folders(tmp_path):
-    # The published facts of microsoft/cvt-13-384: 384 squash, bicubic, ImageNet statistics, Apache-2.0.
+    # The published facts of microsoft/cvt-13-384: 384 squash, bicubic, ImageNet statistics, Apache-2.0,
+    # trained on ImageNet-1k to 83.0 % top-1 (microsoft/CvT README); timm's names for the first
+    # convolution and the classifier.
     assert create_model("cvt-13-384").pretrained_cfg == {
-        "input_size": (3, 384, 384), "crop_pct": None, "interpolation": "bicubic", "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD, "name": "cvt-13-384", "hub_id": "microsoft/cvt-13-384", "num_classes": 1000,
-        "labels": "imagenet-1k", "license": "apache-2.0",
+        "input_size": (3, 384, 384), "crop_pct": None, "crop_mode": "squash", "interpolation": "bicubic",
+        "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "first_conv": "stages.0.patch_embed.proj", "classifier": "head",
+        "name": "cvt-13-384", "hub_id": "microsoft/cvt-13-384", "num_classes": 1000,
+        "labels": "imagenet-1k", "license": "apache-2.0", "pretrained_on": "ImageNet-1k", "top1": 83.0,
     }
     # Another size than the entry's: the official recipe for that size, the entry still named.
     resized = create_model("cvt-13-384", image_size=224).pretrained_cfg

@@ -169,7 +169,8 @@ def render(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="the image file")
     parser.add_argument("--weights", required=True, help="registry name (see `cvt models`) or hub id, checkpoint folder or file")
-    parser.add_argument("--output", required=True, help="the PNG to write")
+    parser.add_argument("--output", default=None,
+                        help="the PNG to write (default: the image's name + _attention.png, in the current folder)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity, 0..1 (default: 0.5)")
     parser.add_argument("--dpi", type=int, default=DEFAULT_DPI,
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dpi < 10:
         raise ConfigError(f"--dpi must be >= 10, got {args.dpi}")
     device = parse_device(args.device, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    output = check_output(args.output, "--output")
+    output = check_output(args.output or f"{Path(args.image).stem}_attention.png", "--output")
     model, pre, _ = load_pretrained(args.weights, allow_nonfinite=args.allow_nonfinite_weights)
     _check_cls_token(model)
     if model.config.num_classes == 0:

@@ -169,7 +169,8 @@ def _rss_kib(field_name: str) -> int:
 def _memory_child(kind: str, case: str, directory: str, batch: int, image_size: int, threads: int) -> float:
     """Run in a fresh process: MiB the case needs at its peak beyond what is resident before it.
 
-    ``kind``: "transformers", "torchcvt" (fast path), "plain" (without it) or "optimized"."""
+    ``kind``: "transformers", "torchcvt" (fast path), "plain" (without it), "optimized", or
+    "checkpointed" (the fast path with ``set_grad_checkpointing()``)."""
     from .pretrained import load_model
 
     torch.set_num_threads(threads)
@@ -185,6 +186,8 @@ def _memory_child(kind: str, case: str, directory: str, batch: int, image_size: 
         model = remove_fast_path(model) if kind == "plain" else apply_fast_path(model)
         if kind == "optimized":
             model = fuse_for_inference(model)
+        if kind == "checkpointed":
+            model.set_grad_checkpointing()
     x = torch.randn(batch, 3, image_size, image_size)
     if case == "train":
         y = torch.randint(0, model.config.num_labels if kind == "transformers" else model.num_classes, (batch,))

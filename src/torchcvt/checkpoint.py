@@ -35,6 +35,7 @@ import torch
 from .config import CvTConfig
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_save
+from .modelcard import transformers_differences, write_model_card
 from .transforms import PreprocessConfig, read_preprocessor_config, write_preprocessor_config
 
 logger = logging.getLogger("torchcvt")
@@ -428,37 +429,30 @@ def image_size_from_name(path: Path) -> int | None:
 
 # ------------------------------------------------------------------------------------ writing
 def transformers_incompatibilities(config: CvTConfig) -> list[str]:
-    """Why transformers' ``CvtForImageClassification`` cannot build ``config`` (empty: it can).
-
-    Its projections are dw_bn only, its cls token has the last stage's width, and its ``CvtStage``
-    indexes the per-block drop-path rates by stage number: IndexError whenever ``depth[i] <= i``.
-    """
-    problems = []
-    if any(m != "dw_bn" for m in config.qkv_projection_method):
-        problems.append(f"qkv_projection_method {list(config.qkv_projection_method)} (only dw_bn)")
-    if any(config.cls_token[:-1]):
-        problems.append(f"cls_token {list(config.cls_token)} (only in the last stage)")
-    short = [i for i, d in enumerate(config.depth) if d <= i]
-    if short:
-        problems.append(f"depth {list(config.depth)} has depth[i] <= i at stage(s) {short} "
-                        "(its CvtStage raises IndexError)")
-    return problems
+    """Why transformers' ``CvtForImageClassification`` cannot build ``config`` (empty: it can)."""
+    return [d for d in transformers_differences(config) if not d.startswith("global_pool=")]
 
 
 def save_pretrained(
-    model: Any, directory: str | os.PathLike, *, safe_serialization: bool = True, preprocess: PreprocessConfig | None = None
+    model: Any, directory: str | os.PathLike, *, safe_serialization: bool = True, preprocess: PreprocessConfig | None = None,
+    model_card: bool = True,
 ) -> Path:
     """Write transformers' layout: ``config.json``, ``model.safetensors`` (or ``pytorch_model.bin``),
-    and ``preprocessor_config.json`` describing the evaluation transform of the weights (default:
-    the official recipe for the model's resolution). ``model`` needs only ``state_dict()`` and a
-    ``config`` (a CvTConfig). Returns the directory."""
+    ``preprocessor_config.json`` describing the evaluation transform of the weights (default: the
+    official recipe for the model's resolution) and, with ``model_card``, a ``README.md`` model card
+    (modelcard.py; a README.md torchcvt did not write is kept). ``model`` needs only ``state_dict()``
+    and a ``config`` (a CvTConfig). Returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: CvTConfig = model.config
+    differences = transformers_differences(config)
     problems = transformers_incompatibilities(config)
     if problems:
         logger.warning("%s is readable by torchcvt but transformers cannot build its layout: %s",
                        directory, "; ".join(problems))
+    elif differences:  # transformers would load it and compute something else, without a word
+        logger.warning("transformers' CvT does not support %s: %s is readable by torchcvt, not by transformers",
+                       ", ".join(differences), directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     hf_state = to_transformers_state_dict(state)
     if safe_serialization:
@@ -471,6 +465,9 @@ def save_pretrained(
         (directory / "model.safetensors").unlink(missing_ok=True)
     config.save(directory / "config.json")
     write_preprocessor_config(preprocess or PreprocessConfig.for_resolution(config.image_size), directory)
+    if model_card:
+        params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
+        write_model_card(directory, config, pretrained_cfg=getattr(model, "pretrained_cfg", None), num_params=params)
     return directory
 
 

@@ -12,8 +12,10 @@ Differences from transformers, on purpose:
 * ``layer_norm_eps`` is read by the model (transformers declares it but every LayerNorm of its
   port uses 1e-5). When we read a transformers ``config.json`` we therefore ignore its value unless
   torchcvt wrote the file.
-* ``num_classes``, ``image_size`` and ``id2label`` live here too, so a config describes a whole
-  classifier.
+* ``num_classes``, ``image_size``, ``id2label`` and ``global_pool`` live here too, so a config
+  describes a whole classifier.
+* ``num_channels`` is transformers' name for the input channels (it is the ``config.json`` key);
+  ``create_model`` and ``CvT(...)`` call the same number ``in_chans``, timm's name.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ __version_marker__ = "torchcvt_version"
 
 PROJECTION_METHODS = ("dw_bn", "avg", "linear")
 ACTIVATIONS = ("quick_gelu", "gelu")
+# What the classifier reads: "token" the last stage's cls token, "avg" the mean of its spatial tokens,
+# "" every token unpooled (the head, if any, then classifies each token). None: what the official
+# model does, "token" with a cls token in the last stage and "avg" without.
+GLOBAL_POOLS = ("token", "avg", "")
 
 # Per-stage fields in transformers' order, with the Python type of one entry.
 STAGE_FIELDS: dict[str, type] = {
@@ -75,11 +81,13 @@ class CvTConfig:
             pooling for k/v, none for q) or ``"linear"`` (no convolutional projection).
         kernel_qkv, padding_q, stride_q, padding_kv, stride_kv: the projection convolutions.
     Whole-model fields:
-        num_channels: input channels. num_classes: classifier outputs (0: no head, a backbone).
+        num_channels: input channels (``in_chans`` in create_model and CvT()). num_classes:
+            classifier outputs (0: no head, a backbone).
         image_size: the resolution the weights were trained for (inputs may have any size).
         hidden_act: ``"quick_gelu"`` (official) or ``"gelu"`` (transformers' port).
         layer_norm_eps: epsilon of every LayerNorm (official: 1e-5).
         id2label: class names, ``{index: name}``, or None.
+        global_pool: ``"token"``, ``"avg"``, ``""`` or None (the official choice); see ``GLOBAL_POOLS``.
     """
 
     num_channels: int = 3
@@ -106,6 +114,7 @@ class CvTConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     id2label: dict[int, str] | None = field(default=None, hash=False, compare=True)
+    global_pool: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise lists (from JSON or users) to tuples of the right type, then validate.
@@ -162,6 +171,10 @@ class CvTConfig:
             raise ConfigError(f"CvTConfig.image_size must be positive, got {self.image_size}")
         if not (0 < self.layer_norm_eps < 1):
             raise ConfigError(f"CvTConfig.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
+        if self.global_pool is not None and self.global_pool not in GLOBAL_POOLS:
+            raise ConfigError(f"CvTConfig.global_pool must be one of {list(GLOBAL_POOLS)} or None, got {self.global_pool!r}")
+        if self.global_pool == "token" and not self.cls_token[-1]:
+            raise ConfigError("CvTConfig.global_pool='token' needs a cls token in the last stage (cls_token[-1]); use 'avg'")
         if self.id2label is not None and sorted(self.id2label) != list(range(self.num_classes)):
             raise ConfigError(
                 f"CvTConfig.id2label must name classes 0..{self.num_classes - 1}, got {len(self.id2label)} entries"
@@ -175,6 +188,13 @@ class CvTConfig:
     @property
     def num_stages(self) -> int:
         return len(self.depth)
+
+    @property
+    def pool(self) -> str:
+        """The pooling in effect: ``global_pool``, or the official one ("token" with a last-stage cls token, else "avg")."""
+        if self.global_pool is not None:
+            return self.global_pool
+        return "token" if self.cls_token[-1] else "avg"
 
     @property
     def num_features(self) -> int:
@@ -259,6 +279,8 @@ class CvTConfig:
         else:
             # transformers builds a classifier only for num_labels > 0 (an Identity otherwise).
             d["num_labels"] = 0
+        if self.global_pool is not None:
+            d["global_pool"] = self.global_pool  # torchcvt's; transformers always reads the cls token
         d["initializer_range"] = 0.02
         d[__version_marker__] = __version__
         return d

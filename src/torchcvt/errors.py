@@ -31,3 +31,7 @@ class DiskFullError(OutputError):
 
 class ExportError(TorchCvTError):
     """An export failed or did not pass its check; the output file was left as it was."""
+
+
+class HubError(TorchCvTError):
+    """The Hugging Face Hub cannot be reached, refuses a request, or is switched off (offline mode)."""

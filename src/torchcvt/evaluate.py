@@ -1,29 +1,33 @@
-"""Evaluation: top-1, top-5, loss, per-class accuracy and a confusion matrix (``cvt eval``).
+"""Evaluation: top-1, top-5, loss, per-class precision, recall and F1, and a confusion matrix (``cvt eval``).
 
 ``evaluate(model, loader)`` is what training calls after every epoch and what ``cvt eval`` prints.
 It only accumulates integer counts and a loss sum, so that under ``torch.distributed`` (each rank
-evaluating its own shard) one all-reduce gives every rank the metrics of the whole set, exactly.
+evaluating its own shard) one all-reduce gives every rank the metrics of the whole set, exactly;
+precision, recall and F1 follow from the confusion matrix. ``keep_topk=k`` also keeps each image's
+k best classes (this process's images, in loader order), for ``cvt eval --errors``.
 
     cvt eval --weights runs/digits --data digits            # the held-out digits
-    cvt eval --weights ./my-run --data ./photos --format json
+    cvt eval --weights ./my-run --data ./photos --format json --errors wrong.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from .errors import ConfigError, DataError
 from .fileio import atomic_save, check_output, to_json
@@ -31,6 +35,16 @@ from .inference import add_image_safety_arguments
 from .transforms import denormalize, load_image
 
 TOP_K = 5
+
+
+class Predictions(NamedTuple):
+    """Each image's best classes, in loader order: ``indices``/``scores`` ``[N, k]`` (softmax, best
+    first), ``targets`` ``[N]`` and ``target_scores`` ``[N]`` (the probability of the true class)."""
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+    targets: torch.Tensor
+    target_scores: torch.Tensor
 
 
 @dataclass
@@ -43,24 +57,61 @@ class EvalResult:
     top5: float  # fraction whose true class is among the ``k`` highest logits
     k: int  # 5, or the number of classes when there are fewer
     confusion: torch.Tensor  # [num_classes, num_classes] int64, rows true, columns predicted
+    predictions: Predictions | None = None  # with evaluate(keep_topk=k)
+
+    @property
+    def num_classes(self) -> int:
+        return self.confusion.shape[0]
+
+    @property
+    def reports_top5(self) -> bool:
+        """Top-5 means something only with more than 5 classes (otherwise it is always 100 %)."""
+        return self.num_classes > TOP_K
 
     @property
     def per_class_accuracy(self) -> list[float | None]:
         """Recall of each class (None for a class without images)."""
-        correct = self.confusion.diag().tolist()
-        totals = self.confusion.sum(dim=1).tolist()
-        return [c / t if t else None for c, t in zip(correct, totals)]
+        return self.per_class_recall
+
+    @property
+    def per_class_recall(self) -> list[float | None]:
+        """Of the images of each class, the fraction predicted as it (None: a class without images)."""
+        return _ratios(self.confusion.diag(), self.confusion.sum(dim=1))
+
+    @property
+    def per_class_precision(self) -> list[float | None]:
+        """Of the images predicted as each class, the fraction that are (None: never predicted)."""
+        return _ratios(self.confusion.diag(), self.confusion.sum(dim=0))
+
+    @property
+    def per_class_f1(self) -> list[float | None]:
+        """2 TP / (2 TP + FP + FN) per class: the harmonic mean of precision and recall, 0 when either
+        is 0 (None: a class neither present nor predicted)."""
+        tp = self.confusion.diag()
+        return _ratios(2 * tp, self.confusion.sum(dim=0) + self.confusion.sum(dim=1))
 
     def to_dict(self, labels: list[str] | None = None) -> dict[str, Any]:
-        names = labels or [str(i) for i in range(self.confusion.shape[0])]
-        return {
-            "images": self.count,
-            "top1": self.top1,
-            "top5": self.top5,
-            "top5_k": self.k,
-            "loss": self.loss,
-            "per_class_accuracy": dict(zip(names, self.per_class_accuracy)),
-        }
+        """The JSON of ``cvt eval``: fractions; top5 only with more than 5 classes."""
+        names = labels or [str(i) for i in range(self.num_classes)]
+        out: dict[str, Any] = {"images": self.count, "top1": self.top1}
+        if self.reports_top5:
+            out.update(top5=self.top5, top5_k=self.k)
+        out["loss"] = self.loss
+        for key in ("per_class_accuracy", "per_class_precision", "per_class_recall", "per_class_f1"):
+            out[key] = dict(zip(names, getattr(self, key)))
+        return out
+
+
+def _images_in(loader: DataLoader) -> int | None:
+    """How many images this process evaluates (its shard under a DistributedSampler), when known."""
+    try:
+        return len(loader.sampler)
+    except TypeError:
+        return None
+
+
+def _ratios(numerators: torch.Tensor, denominators: torch.Tensor) -> list[float | None]:
+    return [n / d if d else None for n, d in zip(numerators.tolist(), denominators.tolist())]
 
 
 @torch.no_grad()
@@ -72,14 +123,19 @@ def evaluate(
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     distributed: bool = False,
+    keep_topk: int = 0,
+    progress: bool = False,
 ) -> EvalResult:
     """Metrics of ``model`` (logits ``[B, N]``) over ``loader`` (batches of images and int labels).
 
     ``num_classes``: N (default: ``model.num_classes``). ``device``: where to run (default: the
     model's). ``amp_dtype``: autocast dtype (bfloat16/float16) or None for full precision.
     ``distributed``: every rank evaluated a disjoint shard; sum the counts over all ranks.
-    The model is put in eval mode and its training flag restored afterwards.
+    ``keep_topk``: also return each image's ``keep_topk`` best classes (``EvalResult.predictions``;
+    this process's images only, never gathered). ``progress``: a tqdm bar on stderr (hidden when
+    stderr is not a terminal). The model is put in eval mode and its training flag restored afterwards.
     """
+
     num_classes = num_classes or model.num_classes
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -88,8 +144,10 @@ def evaluate(
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     topk_hits = torch.zeros((), dtype=torch.int64, device=device)
+    kept: list[tuple[torch.Tensor, ...]] = []
     was_training = model.training
     model.eval()
+    bar = tqdm(total=_images_in(loader), unit="img", desc="eval", file=sys.stderr, disable=None if progress else True, leave=False)
     try:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -105,7 +163,13 @@ def evaluate(
             # index_put_ with accumulate: deterministic on CUDA too, where bincount is not.
             cells = y * num_classes + logits.argmax(dim=-1)
             confusion.index_put_((cells,), torch.ones_like(cells), accumulate=True)
+            if keep_topk:
+                probs = logits.softmax(dim=-1)
+                top = probs.topk(min(keep_topk, num_classes), dim=-1)
+                kept.append((top.indices.cpu(), top.values.cpu(), y.cpu(), probs.gather(1, y[:, None])[:, 0].cpu()))
+            bar.update(len(y))
     finally:
+        bar.close()
         model.train(was_training)
     if distributed:
         import torch.distributed as dist
@@ -125,6 +189,7 @@ def evaluate(
         top5=int(topk_hits) / count,
         k=k,
         confusion=confusion,
+        predictions=Predictions(*(torch.cat(parts) for parts in zip(*kept))) if kept else None,
     )
 
 
@@ -149,7 +214,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the first N evaluated images, as the model sees them, to images/ beside the "
                              "confusion matrix (PNG named INDEX_LABEL.png), e.g. to try `cvt predict` on them")
     parser.add_argument("--format", default="text", choices=("text", "json"),
-                        help="text (default) or json: one object with top1, top5 (fractions), loss, per_class_accuracy")
+                        help="text (default) or json: one object with top1, top5 (with more than 5 classes), loss "
+                             "(fractions) and per-class accuracy, precision, recall and F1")
+    parser.add_argument("--errors", default=None, metavar="FILE.csv",
+                        help="also list the misclassified images in this CSV: path, true class and its score, then "
+                             "the top-5 (or all classes, when fewer) with scores (default: not written)")
     add_image_safety_arguments(parser)
 
 
@@ -197,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     if args.output:
         check_output(args.output, "--output")
+    if args.errors:
+        check_output(args.errors, "--errors")
     if not Path(args.data).expanduser().exists() and args.data != "digits":
         # Before the (slow) model load: the most common mistake gets the quickest answer.
         raise DataError(f"data not found: {args.data} (expected 'digits', an image folder or a .csv file)")
@@ -221,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else (0 if digits else min(4, max(0, (os.cpu_count() or 1) - 1)))
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    result = evaluate(model, loader, device=device, amp_dtype=amp)
+    result = evaluate(model, loader, device=device, amp_dtype=amp, keep_topk=TOP_K if args.errors else 0, progress=True)
 
     labels = [splits.id2label[i] for i in range(model.num_classes)]
     folder = _checkpoint_folder(args.weights)
@@ -229,21 +300,56 @@ def run(args: argparse.Namespace) -> int:
     plot_confusion_matrix(result.confusion, labels, png,
                           title=f"{args.data} ({args.split}): top-1 {100 * result.top1:.2f} %, {result.count} images")
     images = save_images(dataset, labels, splits.mean, splits.std, png.parent / "images", args.save_images) if args.save_images else None
+    wrong = None
+    if args.errors:
+        paths = [path for path, _ in dataset.samples] if hasattr(dataset, "samples") else \
+            [f"{args.data}:{args.split}:{i}" for i in range(len(dataset))]  # in-memory digits: their index
+        wrong = write_errors(result.predictions, paths, labels, Path(args.errors))
     if args.format == "json":
         out = {"weights": args.weights, "data": args.data, "split": args.split, **result.to_dict(labels),
                "skipped_images": len(splits.skipped), "confusion_matrix_png": str(png)}
         if images is not None:
             out["images_dir"] = str(images)
+        if wrong is not None:
+            out.update(misclassified=wrong, errors_csv=args.errors)
         print(to_json(out))
         return 0
     print(f"{args.weights} on {args.data} ({args.split}): {result.count} images, {model.num_classes} classes"
           + (f", {len(splits.skipped)} unreadable image(s) skipped" if splits.skipped else ""))
-    print(f"top-1 {100 * result.top1:.2f} %   top-{result.k} {100 * result.top5:.2f} %   loss {result.loss:.4f}")
+    top5 = f"   top-{result.k} {100 * result.top5:.2f} %" if result.reports_top5 else ""
+    print(f"top-1 {100 * result.top1:.2f} %{top5}   loss {result.loss:.4f}")
     print(_per_class_table(result, labels))
     print(f"confusion matrix: {png}")
     if images is not None:
         print(f"{min(args.save_images, len(dataset))} images: {images}")
+    if wrong is not None:
+        print(f"{wrong} misclassified image(s): {args.errors}")
     return 0
+
+
+def write_errors(predictions: Predictions, paths: Sequence[str], labels: Sequence[str], path: Path) -> int:
+    """Write the misclassified images of ``predictions`` (``paths[i]`` is image i) as a CSV; returns how many.
+
+    Columns: ``path, true_index, true_label, true_score``, then ``pred_1_index, pred_1_label,
+    pred_1_score``, ... for the k kept classes, best first; scores are softmax probabilities."""
+    k = predictions.indices.shape[1]
+    header = ["path", "true_index", "true_label", "true_score"]
+    header += [f"pred_{r}_{field}" for r in range(1, k + 1) for field in ("index", "label", "score")]
+    rows = []
+    for i, (top, scores, target, target_score) in enumerate(zip(predictions.indices.tolist(), predictions.scores.tolist(),
+                                                                 predictions.targets.tolist(), predictions.target_scores.tolist())):
+        if top[0] != target:
+            rows.append([paths[i], target, labels[target], f"{target_score:.6f}"]
+                        + [v for j, s in zip(top, scores) for v in (j, labels[j], f"{s:.6f}")])
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    atomic_save(write, path)
+    return len(rows)
 
 
 def save_images(
@@ -264,17 +370,21 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 def _per_class_table(result: EvalResult, labels: list[str], limit: int = 30) -> str:
-    """Accuracy of every class, or of the ``limit`` worst when there are more."""
+    """Accuracy (recall), precision and F1 of every class, or of the ``limit`` least accurate when there are more."""
     totals = result.confusion.sum(dim=1).tolist()
     correct = result.confusion.diag().tolist()
+    recall, precision, f1 = result.per_class_recall, result.per_class_precision, result.per_class_f1
     order = list(range(len(labels)))
-    title = "per-class accuracy:"
+    title = "per-class accuracy (recall), precision and F1:"
     if len(labels) > limit:
-        order = sorted(order, key=lambda i: (correct[i] / totals[i]) if totals[i] else np.inf)[:limit]
-        title = f"per-class accuracy, the {limit} worst of {len(labels)} classes:"
-    width = min(max(len(labels[i]) for i in order), 40)
-    rows = [title]
+        order = sorted(order, key=lambda i: recall[i] if recall[i] is not None else np.inf)[:limit]
+        title = f"per-class accuracy (recall), precision and F1, the {limit} least accurate of {len(labels)} classes:"
+    width = max(min(max(len(labels[i]) for i in order), 40), len("class"))
+
+    def pct(v: float | None) -> str:
+        return f"{100 * v:6.2f} %" if v is not None else "      - "
+
+    rows = [title, f"  {'class':<{width}}  {'accuracy':>8}  {'precision':>9}  {'F1':>8}  correct/images"]
     for i in order:
-        acc = f"{100 * correct[i] / totals[i]:6.2f} %" if totals[i] else "     - "
-        rows.append(f"  {labels[i][:40]:<{width}}  {acc}  ({correct[i]}/{totals[i]})")
+        rows.append(f"  {labels[i][:40]:<{width}}  {pct(recall[i])}  {pct(precision[i]):>9}  {pct(f1[i])}  {correct[i]}/{totals[i]}")
     return "\n".join(rows)

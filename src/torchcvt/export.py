@@ -221,9 +221,11 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None,
-                        help="checkpoint (folder, file or hub id) or a registry name with public weights (`cvt models`)")
+                        help="checkpoint (folder, file or hub id) or a registry name with public weights (`cvt models`) "
+                             "(default: none; give --weights, --model or both)")
     parser.add_argument("--model", default=None,
-                        help="registry name: without --weights, its layout with random weights; with --weights, the layout they must fit")
+                        help="registry name: without --weights, its layout with random weights; with --weights, the layout they must fit "
+                             "(default: none)")
     parser.add_argument("--format", choices=FORMATS, required=True, help="onnx (onnxruntime) or pt2 (torch.export)")
     parser.add_argument("--output", required=True, help="file to write")
     parser.add_argument("--opset", type=int, default=None,

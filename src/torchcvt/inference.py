@@ -313,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="table", choices=("table", "json", "csv"),
                         help="table (default), json (JSON Lines: one object per image) or csv (path,rank,index,label,score)")
     parser.add_argument("--output", default=None,
-                        help="write results to this file instead of stdout (streamed as they come: a failure "
+                        help="write results to this file (default: stdout; streamed as they come: a failure "
                              "or a kill leaves the results so far)")
     parser.add_argument("--on-error", default="stop", choices=("stop", "skip"),
                         help="unreadable image or path: stop with an error (default) or skip it, name it and count it")

@@ -14,11 +14,14 @@ Shape legend: B batch, C channels, H x W the token grid of the stage, T = H*W (+
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import CvTConfig
 from .errors import ConfigError
@@ -202,6 +205,7 @@ class Stage(nn.Module):
             )
             for j in range(c.depth[i])
         )
+        self.grad_checkpointing = False  # CvT.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, H, W = self.patch_embed(x)  # [B, H*W, C]
@@ -210,7 +214,12 @@ class Stage(nn.Module):
             x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # [B, 1 + H*W, C]
         x = self.pos_drop(x)
         for block in self.blocks:
-            x = block(x, H, W)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Keep only the block's input; its activations are recomputed in backward.
+                x = checkpoint(block, x, H, W, use_reentrant=False,
+                               context_fn=lambda b=block: (contextlib.nullcontext(), _batchnorm_stats_kept(b)))
+            else:
+                x = block(x, H, W)
         cls_token = None
         if self.cls_token is not None:
             cls_token, x = torch.split(x, [1, H * W], dim=1)
@@ -218,20 +227,104 @@ class Stage(nn.Module):
         return x.unflatten(1, (H, W)).permute(0, 3, 1, 2), cls_token  # [B, C, H, W], [B, 1, C] | None
 
 
+@contextlib.contextmanager
+def _batchnorm_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Recomputing a checkpointed block in backward runs its BatchNorms in training mode a second
+    time; their running statistics must move once per step, as without checkpointing."""
+    norms = [m for m in module.modules() if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and m.training and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
 # ------------------------------------------------------------------------------------------- model
+class FeatureInfo:
+    """What each stage's map is, as timm's ``FeatureInfo``: channels, reduction (stride) and module name.
+
+    ``channels()``, ``reduction()``, ``module_name()`` answer for ``out_indices`` (all stages unless a
+    features-only model selected some), or for the stage(s) ``idx``. Indexing, ``len`` and iteration
+    see the per-stage dicts (``num_chs``, ``reduction``, ``module``), as the list it replaces.
+    """
+
+    def __init__(self, info: Sequence[dict[str, Any]], out_indices: Sequence[int] | None = None) -> None:
+        self.info = [dict(entry) for entry in info]
+        self.out_indices = tuple(range(len(self.info)) if out_indices is None else out_indices)
+
+    def from_other(self, out_indices: Sequence[int]) -> "FeatureInfo":
+        return FeatureInfo(self.info, out_indices)
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+        if idx is None:
+            return [self.info[i][key] for i in self.out_indices]
+        if isinstance(idx, (tuple, list)):
+            return [self.info[i][key] for i in idx]
+        return self.info[idx][key]
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("module", idx)
+
+    def get_dicts(self, idx: int | Sequence[int] | None = None) -> list[dict[str, Any]]:
+        return [self.info[i] for i in (self.out_indices if idx is None else idx)]
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return self.info[item]
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.info)
+
+    def __repr__(self) -> str:
+        return f"FeatureInfo({self.info}, out_indices={self.out_indices})"
+
+
+def check_input(config: CvTConfig, x: torch.Tensor) -> None:
+    """Raise a one-line error for inputs a model of ``config`` cannot take."""
+    c = config.num_channels
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"CvT expects a torch.Tensor [B, {c}, H, W], got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"CvT expects a 4-D input [B, {c}, H, W], got shape {list(x.shape)}")
+    if x.shape[1] != c:
+        raise ValueError(f"CvT expects {c} input channels, got shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"CvT expects a floating-point input (normalised pixels), got {x.dtype}")
+    try:
+        config.feature_sizes(int(x.shape[2]), int(x.shape[3]))
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class CvT(nn.Module):
     """The Convolutional Vision Transformer.
 
-    ``CvT(224, 3, 1000)`` builds CvT-13 (image_size, in_channels, num_classes; CvTConfig's defaults);
-    ``CvT(config=CvTConfig(...))`` any layout. Models by name, with or without weights, come from
+    ``CvT(224, 3, 1000)`` builds CvT-13 (image_size, in_chans, num_classes; CvTConfig's defaults);
+    ``CvT(config=CvTConfig(...))`` any layout. ``in_chans`` is timm's name for what the config (and
+    transformers' config.json) calls ``num_channels``. Models by name, with or without weights, come from
     ``torchcvt.create_model`` (pretrained.py); this file does no I/O. ``model(x)`` maps ``[B, C, H, W]`` images of any
     size to logits ``[B, num_classes]`` (features ``[B, embed_dim[-1]]`` when num_classes is 0).
+    ``global_pool`` (CvTConfig's field) says what the classifier reads: ``"token"`` the last stage's
+    cls token (the official model, with one), ``"avg"`` the mean of the last stage's tokens (the
+    official model without a cls token), ``""`` every token, unpooled.
     """
 
     def __init__(
         self,
         image_size: int | None = None,
-        in_channels: int | None = None,
+        in_chans: int | None = None,
         num_classes: int | None = None,
         *,
         config: CvTConfig | None = None,
@@ -239,7 +332,7 @@ class CvT(nn.Module):
         super().__init__()
         if config is None:
             config = CvTConfig()  # CvT-13
-        overrides = {k: v for k, v in (("image_size", image_size), ("num_channels", in_channels), ("num_classes", num_classes)) if v is not None}
+        overrides = {k: v for k, v in (("image_size", image_size), ("num_channels", in_chans), ("num_classes", num_classes)) if v is not None}
         if overrides:
             config = config.replace(**overrides)
         self.config = config
@@ -253,9 +346,9 @@ class CvT(nn.Module):
             in_chans = config.embed_dim[i]
         self.norm = nn.LayerNorm(self.num_features, eps=config.layer_norm_eps)
         self.head = nn.Linear(self.num_features, config.num_classes) if config.num_classes > 0 else nn.Identity()
-        self.feature_info = [
-            dict(num_chs=config.embed_dim[i], reduction=r, module=f"stages.{i}") for i, r in enumerate(config.reductions())
-        ]
+        self.feature_info = FeatureInfo(
+            [dict(num_chs=config.embed_dim[i], reduction=r, module=f"stages.{i}") for i, r in enumerate(config.reductions())]
+        )
         self.init_weights()
 
     # ---------------------------------------------------------------------------- initialisation
@@ -289,9 +382,24 @@ class CvT(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, id2label: dict[int, str] | None = None) -> None:
-        """Replace the head with a freshly initialised one (0: no head). The config follows."""
-        self.config = self.config.replace(num_classes=num_classes, id2label=id2label)
+    @property
+    def global_pool(self) -> str:
+        """The pooling in effect: "token", "avg" or "" (``config.global_pool``, or the official choice)."""
+        return self.config.pool
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of keeping them (torch.utils.checkpoint
+        per block): much less activation memory in training for about one more forward pass of compute."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, *, id2label: dict[int, str] | None = None) -> None:
+        """Replace the head with a freshly initialised one (0: no head), optionally with another pooling
+        (timm's signature). The config follows."""
+        changes: dict[str, Any] = {"num_classes": num_classes, "id2label": id2label}
+        if global_pool is not None:
+            changes["global_pool"] = global_pool
+        self.config = self.config.replace(**changes)
         self.num_classes = num_classes
         device, dtype = self.norm.weight.device, self.norm.weight.dtype
         if num_classes > 0:
@@ -303,18 +411,7 @@ class CvT(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a one-line error for inputs the model cannot take."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"CvT expects a torch.Tensor [B, {self.config.num_channels}, H, W], got {type(x).__name__}")
-        if x.ndim != 4:
-            raise ValueError(f"CvT expects a 4-D input [B, {self.config.num_channels}, H, W], got shape {list(x.shape)}")
-        if x.shape[1] != self.config.num_channels:
-            raise ValueError(f"CvT expects {self.config.num_channels} input channels, got shape {list(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"CvT expects a floating-point input (normalised pixels), got {x.dtype}")
-        try:
-            self.config.feature_sizes(int(x.shape[2]), int(x.shape[3]))
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+        check_input(self.config, x)
 
     def _run_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not torch.compiler.is_compiling():
@@ -325,19 +422,26 @@ class CvT(nn.Module):
         return x, cls_token
 
     def _final_tokens(self, x: torch.Tensor, cls_token: torch.Tensor | None) -> torch.Tensor:
-        # With a cls token in the last stage the classifier reads it; otherwise all tokens (mean-pooled later).
-        if self.config.cls_token[-1]:
+        # The tokens the classifier reads (global_pool): the cls token, the spatial tokens, or all of them.
+        pool = self.config.pool
+        if pool == "token":
             return self.norm(cls_token)  # [B, 1, C]
-        return self.norm(x.flatten(2).transpose(1, 2))  # [B, H*W, C]
+        tokens = x.flatten(2).transpose(1, 2)  # [B, H*W, C]
+        if pool == "" and cls_token is not None:
+            tokens = torch.cat((cls_token, tokens), dim=1)  # [B, 1 + H*W, C]
+        return self.norm(tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-norm tokens: ``[B, 1, C]`` (the cls token) or ``[B, H*W, C]`` without one."""
+        """Final-norm tokens the head reads: ``[B, 1, C]`` (global_pool "token": the cls token),
+        ``[B, H*W, C]`` ("avg"), every token ``[B, (1 +) H*W, C]`` ("")."""
         x, cls_token = self._run_stages(x)
         return self._final_tokens(x, cls_token)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the tokens of ``forward_features`` (mean; a no-op on a lone cls token) and classify."""
-        x = x.mean(dim=1)  # [B, C]
+        """Pool the tokens of ``forward_features`` (mean; a no-op on a lone cls token; none for
+        global_pool "") and classify: ``[B, num_classes]`` (``[B, T, num_classes]`` unpooled)."""
+        if self.config.pool != "":
+            x = x.mean(dim=1)  # [B, C]
         return x if pre_logits else self.head(x)
 
     def forward_intermediates(
@@ -350,6 +454,10 @@ class CvT(nn.Module):
         stop_early: bool = False,
     ):
         """Raw per-stage outputs ``[B, C, H, W]`` (before the final norm, as transformers' hidden_states).
+
+        The maps are contiguous (NCHW), what convolutional necks and ``.view`` expect: inside the model
+        they are channels-last views of the tokens (stage 2's not even that: a slice past its cls
+        token), and only the returned ones are copied.
 
         ``indices``: stage indices to return (an int n: the last n stages; None: all). With
         ``return_cls_token`` each entry is a ``(map, cls_token or None)`` pair. Returns the list, or
@@ -375,7 +483,7 @@ class CvT(nn.Module):
         for i, stage in enumerate(stages):
             x, cls_token = stage(x)
             if i in keep:
-                outputs.append((x, cls_token) if return_cls_token else x)
+                outputs.append((x.contiguous(), cls_token) if return_cls_token else x.contiguous())
         if intermediates_only:
             return outputs
         return self._final_tokens(x, cls_token), outputs

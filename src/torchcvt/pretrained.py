@@ -6,7 +6,9 @@ id of its public weights (``microsoft/cvt-13``) means one entry everywhere: one 
 size, one evaluation crop and, where there are any, one set of public weights.
 
 * ``create_model(name)``: the layout with random weights; ``create_model(name, pretrained=True)``:
-  the public weights (downloaded once, then read from the Hugging Face cache, offline too).
+  the public weights (downloaded once, then read from the Hugging Face cache, offline too). Its
+  arguments are timm's (``num_classes``, ``in_chans``, ``global_pool``, ``features_only``,
+  ``out_indices``, ``drop_path_rate``); ``features_only=True`` gives features.FeatureListNet.
 * ``cvt summary NAME`` shows the layout at the entry's size; the commands that need trained
   weights (``cvt predict``, ``eval``, ``attention``, ``export --weights``) and ``Classifier`` load
   the public weights, through ``load_pretrained``.
@@ -23,7 +25,9 @@ The image size of a checkpoint comes from the registry for the public hub ids, e
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +39,7 @@ from .checkpoint import (
 from .config import CvTConfig
 from .errors import CheckpointError, ConfigError
 from .fastpath import apply_fast_path
+from .features import FeatureListNet
 from .model import CvT
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
@@ -92,18 +97,21 @@ class PretrainedCfg:
     def preprocess_config(self) -> PreprocessConfig:
         return PreprocessConfig(self.image_size, self.crop_pct, self.interpolation, self.mean, self.std)
 
-    def to_dict(self, preprocess: PreprocessConfig | None = None) -> dict[str, Any]:
+    def to_dict(self, preprocess: PreprocessConfig | None = None, in_chans: int = 3) -> dict[str, Any]:
         """The ``model.pretrained_cfg`` of models built from this entry (``preprocess``: when not the entry's)."""
-        return _cfg_dict(preprocess or self.preprocess_config(), name=self.name, hub_id=self.hub_id,
-                         num_classes=self.num_classes, labels=self.labels, license=self.license)
+        return _cfg_dict(preprocess or self.preprocess_config(), in_chans, name=self.name, hub_id=self.hub_id,
+                         num_classes=self.num_classes, labels=self.labels, license=self.license,
+                         pretrained_on=self.pretrained_on, top1=self.top1)
 
 
-def _cfg_dict(pre: PreprocessConfig, **about: Any) -> dict[str, Any]:
+def _cfg_dict(pre: PreprocessConfig, in_chans: int = 3, **about: Any) -> dict[str, Any]:
     """A ``pretrained_cfg`` dict: timm's keys where timm has one (crop_pct None: squash, timm's
     crop_mode "squash"), and what is known about the weights (name, hub_id, license, ...)."""
-    about = {"name": None, "hub_id": None, "num_classes": None, "labels": None, "license": None, **about}
-    return {"input_size": (3, pre.image_size, pre.image_size), "crop_pct": pre.crop_pct, "interpolation": pre.resample,
-            "mean": pre.mean, "std": pre.std, **about}
+    about = {"name": None, "hub_id": None, "num_classes": None, "labels": None, "license": None,
+             "pretrained_on": None, "top1": None, **about}
+    return {"input_size": (in_chans, pre.image_size, pre.image_size), "crop_pct": pre.crop_pct,
+            "crop_mode": "squash" if pre.crop_pct is None else "center", "interpolation": pre.resample,
+            "mean": pre.mean, "std": pre.std, "first_conv": "stages.0.patch_embed.proj", "classifier": "head", **about}
 
 
 _CVT13_PARAMS, _CVT21_PARAMS, _CVTW24_PARAMS = 19_997_480, 31_622_696, 277_196_392
@@ -213,43 +221,86 @@ def _names_weights(source: Any) -> bool:
 
 # --------------------------------------------------------------------------------------- builders
 def create_model(
-    name_or_config: str | CvTConfig | None = None,
+    model_name: str | CvTConfig | os.PathLike | None = None,
     pretrained: bool = False,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    global_pool: str | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    drop_path_rate: float | Sequence[float] | None = None,
     *,
     weights: str | os.PathLike | None = None,
-    num_classes: int | None = None,
     allow_nonfinite: bool = False,
-    **overrides: Any,
-) -> CvT:
-    """Build a CvT from a registry name or a config, optionally loading weights.
+    **kwargs: Any,
+) -> CvT | FeatureListNet:
+    """Build a CvT from a registry name or a config, optionally loading weights: timm's ``create_model``.
 
-    ``create_model("cvt-13")``: random weights, the entry's layout and image size.
+    ``create_model("cvt_13")``: random weights, the entry's layout and image size (any case, ``-`` or ``_``).
     ``create_model("cvt-13-384", pretrained=True)``: the entry's public weights.
     ``create_model("cvt-21", weights="path/or/hub-id")``: the layout, checked against the checkpoint.
     ``create_model(weights="path/or/hub-id")`` (or ``create_model("path/or/hub-id")``): the
-    checkpoint's own layout. ``num_classes`` different from the checkpoint's gives a new, randomly
-    initialised head (fine-tuning). ``overrides`` change config fields, e.g. ``hidden_act="gelu"``.
-    The model's ``pretrained_cfg`` says how its inputs are preprocessed (timm's keys).
+    checkpoint's own layout.
+
+    ``num_classes``: the head; different from the checkpoint's, a new randomly initialised one
+    (fine-tuning); 0 none. ``in_chans``: input channels (default the layout's or checkpoint's, 3);
+    with weights of another count the first convolution is adapted as timm does (summed for 1,
+    repeated and scaled otherwise). ``global_pool``: what the classifier reads, "token" (the last
+    stage's cls token), "avg" (the mean of its spatial tokens) or "" (no pooling); default what the
+    official model does ("token" with a cls token). ``features_only=True``: a FeatureListNet
+    returning the stage maps ``out_indices`` (default all) instead of logits. ``drop_path_rate``:
+    stochastic depth, per stage or a float for the last stage (where the official configs put it).
+    ``kwargs`` change other CvTConfig fields, e.g. ``hidden_act="gelu"``. The model's
+    ``pretrained_cfg`` says how its inputs are preprocessed (timm's keys).
     ``allow_nonfinite``: load weights holding NaN or inf (refused by default), for debugging.
     """
-    if weights is None and not pretrained and (isinstance(name_or_config, os.PathLike) or _names_weights(name_or_config)):
-        name_or_config, weights = None, name_or_config
-    entry = get_pretrained_cfg(name_or_config) if isinstance(name_or_config, str) else None
+    if weights is None and not pretrained and (isinstance(model_name, os.PathLike) or _names_weights(model_name)):
+        model_name, weights = None, model_name
+    entry = get_pretrained_cfg(model_name) if isinstance(model_name, str) else None
     if pretrained:
         if entry is None or weights is not None:
             raise ConfigError("pretrained=True takes a registry name and no weights=, e.g. create_model('cvt-13', pretrained=True)")
         weights = entry.name  # its public weights (a ConfigError for a layout without any)
-    base = entry.config() if entry is not None else name_or_config
+    if out_indices is not None and not features_only:
+        raise ConfigError("out_indices selects the stages of a features_only=True model; pass features_only=True")
+    if "num_channels" in kwargs:
+        raise ConfigError("create_model calls the input channels in_chans (timm's name; num_channels is the CvTConfig field)")
+    overrides = {k: v for k, v in (("global_pool", global_pool), ("drop_path_rate", drop_path_rate)) if v is not None}
+    overrides.update(kwargs)
+    base = entry.config() if entry is not None else model_name
     if weights is not None:
-        return load_model(weights, config=base, num_classes=num_classes, allow_nonfinite=allow_nonfinite, **overrides)
-    if base is None:
+        model = load_model(weights, config=base, num_classes=num_classes, in_chans=in_chans,
+                           allow_nonfinite=allow_nonfinite, **overrides)
+    elif base is None:
         raise ConfigError("create_model needs a registry name (torchcvt.list_models()), a CvTConfig or weights")
-    config = base.replace(**overrides) if overrides else base
-    if num_classes is not None:
-        config = config.replace(num_classes=num_classes)
-    same_size = entry is not None and config.image_size == entry.image_size
-    pre = entry.preprocess_config() if same_size else PreprocessConfig.for_resolution(config.image_size)
-    return _finish(CvT(config=config), pre, entry)
+    else:
+        config = _with_overrides(base, num_classes=num_classes, num_channels=in_chans, **overrides)
+        same_size = entry is not None and config.image_size == entry.image_size
+        pre = entry.preprocess_config() if same_size else PreprocessConfig.for_resolution(config.image_size)
+        model = _finish(CvT(config=config), pre, entry)
+    return FeatureListNet(model, out_indices) if features_only else model
+
+
+def _with_overrides(config: CvTConfig, **overrides: Any) -> CvTConfig:
+    """``config`` with the given fields changed (None: unchanged); a single drop-path rate applies
+    to the last stage, the others keep none, as in the official configs."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    rate = overrides.get("drop_path_rate")
+    if isinstance(rate, (int, float)):
+        overrides["drop_path_rate"] = (0.0,) * (config.num_stages - 1) + (float(rate),)
+    return config.replace(**overrides) if overrides else config
+
+
+def adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
+    """A first-convolution weight ``[O, 3, k, k]`` for ``in_chans`` inputs, as timm's ``adapt_input_conv``:
+    summed over RGB for one channel (a grey image repeated three times gives the same output), else
+    RGB repeated to ``in_chans`` channels and scaled by ``3 / in_chans``."""
+    if weight.shape[1] != 3:
+        raise CheckpointError(f"cannot adapt a first convolution of {weight.shape[1]} input channels to {in_chans}; only RGB weights")
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeated = weight.repeat(1, math.ceil(in_chans / 3), 1, 1)[:, :in_chans]
+    return repeated * (3 / in_chans)
 
 
 def load_model(
@@ -257,6 +308,7 @@ def load_model(
     *,
     config: CvTConfig | None = None,
     num_classes: int | None = None,
+    in_chans: int | None = None,
     allow_nonfinite: bool = False,
     **overrides: Any,
 ) -> CvT:
@@ -267,7 +319,8 @@ def load_model(
     the registry's for public weights, else the official recipe for the size). ``config``: the architecture to load into (checked against the tensors); default: the
     checkpoint's own (``config.json``, an embedded config, or inferred from the tensors).
     ``num_classes``: a head size; when it differs from the checkpoint's, the head is replaced by a
-    new, randomly initialised one (fine-tuning), and a log message says so.
+    new, randomly initialised one (fine-tuning), and a log message says so. ``in_chans``: input
+    channels; other than the checkpoint's, its first convolution is adapted (``adapt_input_conv``).
     ``overrides``: config fields to change, e.g. ``hidden_act="gelu"``.
     ``allow_nonfinite``: load weights holding NaN or inf, which are refused by default (for debugging).
     """
@@ -283,12 +336,17 @@ def load_model(
     else:
         # An explicit architecture; what the checkpoint says beyond the architecture still applies.
         given = ckpt.config_dict or {}
-        keep = {k: getattr(own, k) for k in ("hidden_act", "layer_norm_eps") if k in given and k not in overrides}
+        keep = {k: getattr(own, k) for k in ("hidden_act", "layer_norm_eps", "global_pool") if k in given and k not in overrides}
         if stated_size is not None and "image_size" not in overrides:
             keep["image_size"] = stated_size
         target = config.replace(**keep) if keep else config
-    if overrides:
-        target = target.replace(**overrides)
+    target = _with_overrides(target, **overrides)
+    first_conv = "stages.0.patch_embed.proj.weight"
+    if in_chans is not None and first_conv in sd and sd[first_conv].shape[1] != in_chans:
+        logger.warning("adapted %s's first convolution from %d to %d input channels", ckpt.path, sd[first_conv].shape[1], in_chans)
+        sd = {**sd, first_conv: adapt_input_conv(in_chans, sd[first_conv])}
+    if in_chans is not None:
+        target = target.replace(num_channels=in_chans)
 
     ckpt_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     new_head = num_classes is not None and num_classes != ckpt_classes
@@ -345,7 +403,8 @@ def preprocess_config_of(model: torch.nn.Module) -> PreprocessConfig:
 def _finish(model: CvT, pre: PreprocessConfig, entry: PretrainedCfg | None) -> CvT:
     """The last step of every build: attach what the model is and how its inputs are preprocessed,
     and apply the CPU fast path (fastpath.py; ``remove_fast_path`` gives the plain model back)."""
-    model.pretrained_cfg = entry.to_dict(pre) if entry is not None else _cfg_dict(pre, num_classes=model.config.num_classes)
+    chans = model.config.num_channels
+    model.pretrained_cfg = entry.to_dict(pre, chans) if entry is not None else _cfg_dict(pre, chans, num_classes=model.config.num_classes)
     return apply_fast_path(model)
 
 
@@ -408,5 +467,5 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], image_size: int 
 
 __all__ = [
     "LAYOUTS", "REGISTRY", "PretrainedCfg", "list_models", "resolve", "get_pretrained_cfg", "preset_config", "describe",
-    "create_model", "load_model", "load_pretrained", "preprocess_config_of", "stated_image_size", "config_from_state_dict",
+    "create_model", "load_model", "load_pretrained", "adapt_input_conv", "preprocess_config_of", "stated_image_size", "config_from_state_dict",
 ]

@@ -93,7 +93,7 @@ def summary(model: torch.nn.Module, image_size: int | tuple[int, int] | None = N
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="registry name (see `cvt models`: its layout at its input size) or a checkpoint path / hub id")
     parser.add_argument("--image-size", type=int, default=None, help="input side (default: the model's own)")
-    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument("--num-classes", type=int, default=None, help="head size (default: the model's own; 0: no head)")
 
 
 def run(args: argparse.Namespace) -> int:

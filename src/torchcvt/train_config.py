@@ -56,7 +56,7 @@ class TrainConfig:
     model: str | None = option("cvt-tiny", "a preset (`cvt models`)", group=DATA,
                                default_help="cvt-tiny for digits, cvt-13 otherwise; with --weights the checkpoint's layout")
     weights: str | None = option(None, "start from these weights (folder, file or hub id); a new head when the class count "
-                                 "differs; selects --recipe finetune", group=DATA)
+                                 "differs; selects --recipe finetune", group=DATA, none="random weights")
     recipe: str = option("digits", "the defaults of the options marked \"the recipe's\"", group=DATA, choices=tuple(RECIPES),
                          default_help="digits for --data digits, finetune with --weights, else paper")
     output: str = option("runs/digits", "run folder", group=DATA, default_help="runs/<data name>")
