@@ -1,24 +1,84 @@
 """The optimizer and learning-rate schedule of the CvT recipes: AdamW without decay on norms, biases
-and cls tokens, and a linear warm-up followed by half a cosine, per optimizer step."""
+and cls tokens, and a linear warm-up followed by half a cosine, per optimizer step. For fine-tuning:
+layer-wise learning-rate decay (``layer_ids``, timm's ``param_groups_layer_decay``) and a frozen
+backbone (``freeze_backbone``, ``set_train_mode``: a linear probe)."""
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups: no decay for tensors with ndim <= 1 (norms, biases) and ``model.no_weight_decay()``
-    names (the cls tokens), as the official code; decay for every weight matrix and kernel."""
+    names (the cls tokens), as the official code; decay for every weight matrix and kernel. Frozen
+    parameters (``requires_grad`` False) are left out.
+
+    ``layer_decay``: also one group per layer (``layer_ids``) with ``lr_scale`` =
+    ``layer_decay ** (head's id - layer's id)``: the head learns at the full rate, each layer before it
+    ``layer_decay`` times slower than the next (``build_optimizer`` applies the scale)."""
     skip = model.no_weight_decay()
-    decay, no_decay = [], []
+    ids = layer_ids(model) if layer_decay is not None else {}
+    top = max(ids.values(), default=0)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        decays = not (p.ndim <= 1 or name in skip)
+        layer = ids.get(name, top)
+        group = groups.setdefault((layer, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0})
+        if layer_decay is not None:
+            group["lr_scale"] = layer_decay ** (top - layer)
+        group["params"].append(p)
+    if layer_decay is None:  # the two groups in their usual order, even when one is empty
+        return [groups.get((0, True), {"params": [], "weight_decay": weight_decay}),
+                groups.get((0, False), {"params": [], "weight_decay": 0.0})]
+    return [groups[key] for key in sorted(groups)]
+
+
+_BLOCK = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.")
+_STAGE = re.compile(r"stages\.(\d+)\.")
+
+
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """Each parameter's layer, counted from the input as timm's ``group_with_matcher`` counts a
+    hierarchical model's: every stage's convolutional embedding (with its cls token) is a layer, then
+    each of its blocks; the final norm and the head are the last layer (the highest id)."""
+    def key(name: str) -> tuple[int, int] | None:
+        if m := _BLOCK.match(name):
+            return int(m[1]), 1 + int(m[2])
+        if m := _STAGE.match(name):
+            return int(m[1]), 0  # the stage's embedding and cls token
+        return None  # final norm, head
+
+    keys = {name: key(name) for name, _ in model.named_parameters()}
+    order = {k: i for i, k in enumerate(sorted({k for k in keys.values() if k is not None}))}
+    return {name: order.get(k, len(order)) for name, k in keys.items()}
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """A linear probe: every parameter but the classifier's (``model.get_classifier()``) stops learning."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head)
+
+
+def set_train_mode(model: nn.Module, *, frozen_backbone: bool = False) -> None:
+    """``model.train()``; with a frozen backbone, everything but the classifier stays in eval mode: its
+    BatchNorm statistics stay those of the checkpoint and dropout and drop path stay off, so the
+    head learns on the features it will see at evaluation."""
+    model.train()
+    if frozen_backbone:
+        inner = getattr(model, "module", model)  # inside DistributedDataParallel
+        inner = getattr(inner, "_orig_mod", inner)  # inside torch.compile's wrapper
+        head = inner.get_classifier()
+        for module in inner.children():
+            if module is not head:
+                module.eval()
 
 
 def lr_at(step: int, *, lr: float, warmup_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -32,11 +92,16 @@ def lr_at(step: int, *, lr: float, warmup_lr: float, min_lr: float, warmup_steps
 
 def build_optimizer(
     model: nn.Module, *, lr: float, weight_decay: float, warmup_lr: float, min_lr: float, warmup_steps: int,
-    total_steps: int, device: torch.device,
+    total_steps: int, device: torch.device, layer_decay: float | None = None,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``param_groups`` (fused on CUDA) and a scheduler that sets ``lr_at(step)`` after
-    every ``scheduler.step()``; both have a ``state_dict`` for checkpoints."""
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=True if device.type == "cuda" else None)
+    every ``scheduler.step()`` (times the group's ``lr_scale`` with ``layer_decay``: the whole schedule
+    scaled, as timm's); both have a ``state_dict`` for checkpoints."""
+    groups = param_groups(model, weight_decay, layer_decay)
+    for group in groups:
+        if "lr_scale" in group:
+            group["lr"] = lr * group["lr_scale"]  # LambdaLR multiplies each group's initial rate
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=True if device.type == "cuda" else None)
     schedule = dict(lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, **schedule) / lr)
     return optimizer, scheduler

@@ -31,12 +31,14 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Train/val loss (left) and train/val top-1 and val top-5 in % (right) against the epoch.
+    """Train/val loss (left) and train/val top-1 and val top-5 in % (right) against the epoch, on
+    integer epoch ticks.
 
     ``history``: the rows of ``metrics.jsonl`` (keys ``epoch``, ``train_loss``, ``val_loss``,
-    ``train_top1``, ``val_top1``, ``val_top5``; accuracies as fractions).
+    ``train_top1``, ``val_top1`` and, with more than 5 classes, ``val_top5``; accuracies as fractions).
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(10, 4), layout="constrained")
@@ -45,12 +47,15 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
         loss_ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3, label=label)
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
     for key, label in (("train_top1", "train top-1"), ("val_top1", "val top-1"), ("val_top5", "val top-5")):
+        if history and key not in history[0]:
+            continue  # top-5 of 5 classes or fewer: always 100 %, not recorded
         acc_ax.plot(epochs, [100 * row[key] for row in history], marker="o", markersize=3, label=label)
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     if history:
         best = max(history, key=lambda row: row["val_top1"])
         acc_ax.set_title(f"accuracy (best val top-1 {100 * best['val_top1']:.2f} % at epoch {best['epoch']})")
     for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a 2-epoch run has no epoch 1.5
         ax.grid(alpha=0.3)
         ax.legend()
     return _save(fig, path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,9 @@ def use_deterministic_algorithms() -> None:
 
 class SeededSamples(Dataset):
     """``dataset[(epoch, index)]``: the item, with python/numpy/torch seeded by ``(seed, epoch, index)``
-    first, so its random augmentation does not depend on the worker or the process that loads it."""
+    first, so its random augmentation does not depend on the worker or the process that loads it.
+    ``dataset[(epoch, index, draw)]`` (class-balanced sampling, where an image can be drawn twice in an
+    epoch): seeded by ``(seed, epoch, index, draw)``, so each draw is augmented anew."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset
@@ -62,31 +65,46 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        seed_everything(stream_seed(SAMPLE, self.seed, epoch, index))
+    def __getitem__(self, key: tuple[int, ...]):
+        epoch, index, *draw = key
+        seed_everything(stream_seed(SAMPLE, self.seed, epoch, index, *draw))
         return self.dataset[index]
+
+
+def class_balanced_weights(labels: Sequence[int]) -> torch.Tensor:
+    """Each sample's drawing weight, 1 / (images of its class): every class is drawn equally often."""
+    labels_t = torch.as_tensor(labels, dtype=torch.int64)
+    counts = torch.bincount(labels_t)
+    return 1.0 / counts[labels_t].double()
 
 
 def epoch_batches(
     num_samples: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-    accum_steps: int = 1, start_step: int = 0,
-) -> list[list[tuple[int, int]]]:
+    accum_steps: int = 1, start_step: int = 0, sample_weights: torch.Tensor | None = None,
+) -> list[list[tuple[int, ...]]]:
     """This rank's micro-batches of ``(epoch, index)`` for one epoch, from optimizer step ``start_step``.
 
     A permutation seeded by ``(seed, epoch)`` is cut into global batches of ``batch_size`` (the
     incomplete last one dropped); rank r takes the r-th of ``world_size`` equal shares of each, cut
     into ``accum_steps`` micro-batches. Concatenating all ranks' shares gives back the 1-process
     batch, whatever ``world_size``: resuming on another number of processes keeps the order.
+
+    ``sample_weights`` (``class_balanced_weights``): instead of a permutation, ``num_samples`` draws
+    with replacement in proportion to the weights, from the same ``(seed, epoch)`` stream, so all of
+    the above still holds; each entry is then ``(epoch, index, draw)``, ``draw`` its place in the epoch.
     """
     g = torch.Generator().manual_seed(stream_seed(ORDER, seed, epoch))
-    order = torch.randperm(num_samples, generator=g).tolist()
+    if sample_weights is None:
+        order = [(epoch, i) for i in torch.randperm(num_samples, generator=g).tolist()]
+    else:
+        drawn = torch.multinomial(sample_weights, num_samples, replacement=True, generator=g).tolist()
+        order = [(epoch, i, draw) for draw, i in enumerate(drawn)]
     share = batch_size // world_size
     micro = share // accum_steps
     batches = []
     for step in range(start_step, num_samples // batch_size):
         mine = order[step * batch_size + rank * share: step * batch_size + (rank + 1) * share]
-        batches += [[(epoch, i) for i in mine[m * micro:(m + 1) * micro]] for m in range(accum_steps)]
+        batches += [mine[m * micro:(m + 1) * micro] for m in range(accum_steps)]
     return batches
 
 

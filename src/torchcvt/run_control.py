@@ -100,3 +100,16 @@ class RunControl:
         where = (f"epoch {p.epoch + 1}, step {p.epoch_step} of {steps_per_epoch}" if p.epoch_step else f"the end of epoch {p.epoch}")
         return TrainingStopped(f"stopped by {signal.Signals(self.stopped).name} after step {p.step} ({where}); {checkpoint} "
                                f"holds it: continue with cvt train --resume --output {checkpoint.parent}", 128 + self.stopped)
+
+
+def early_stop(history: list[dict[str, Any]], patience: int) -> str | None:
+    """Why to stop now (None: go on): ``patience`` > 0 epochs since the best val top-1 without a
+    better one (an equal one is no better). From the metrics alone, so a resumed run decides the same."""
+    if patience <= 0 or not history:
+        return None
+    best = max(history, key=lambda row: row["val_top1"])  # the first of equals: the one best.pt holds
+    waited = history[-1]["epoch"] - best["epoch"]
+    if waited < patience:
+        return None
+    return (f"early stop after epoch {history[-1]['epoch']}: no better val top-1 in {waited} epoch(s) since epoch "
+            f"{best['epoch']} ({100 * best['val_top1']:.2f} %, its weights in best.pt)")

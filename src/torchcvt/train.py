@@ -38,15 +38,19 @@ from .distributed import Dist, convert_batchnorm, setup_device
 from .errors import ConfigError, DataError, TorchCvTError
 from .evaluate import evaluate
 from .model import CvT
-from .optimization import build_optimizer, follow_schedule
+from .modelcard import write_model_card
+from .optimization import build_optimizer, follow_schedule, freeze_backbone, set_train_mode
 from .options import add_options, flag
 from .pretrained import create_model
-from .reproducibility import STEP, SeededSamples, epoch_batches, seed_everything, stream_seed, use_deterministic_algorithms
-from .run_control import RunControl, TrainingStopped, ignore_stop_signals
+from .reproducibility import (
+    STEP, SeededSamples, class_balanced_weights, epoch_batches, seed_everything, stream_seed, use_deterministic_algorithms,
+)
+from .run_control import RunControl, TrainingStopped, early_stop, ignore_stop_signals
 from .runs import RunFolder, disk_full_is_one_line
-from .train_config import DATA, RECIPES, TrainConfig, default_output, help_default, resolve_config
+from .tensorboard_log import TensorBoardLog
+from .train_config import DATA, RECIPES, TrainConfig, default_output, help_default, recipe_line, resolve_config
 from .train_state import (
-    EMA, EpochMeter, Progress, best_checkpoint, check_resumable, describe_run, epoch_line, load_checkpoint, restore,
+    EMA, EpochMeter, Progress, best_checkpoint, card_facts, check_resumable, describe_run, epoch_line, load_checkpoint, restore,
     run_summary, save_checkpoint, training_checkpoint, write_metrics, write_train_config,
 )
 from .transforms import PreprocessConfig
@@ -86,6 +90,8 @@ def build_model(cfg: TrainConfig, num_classes: int, id2label: dict[int, str]) ->
     else:
         model = create_model(cfg.model, num_classes=num_classes, **overrides)
     model.config = model.config.replace(id2label=id2label, image_size=cfg.image_size)
+    if cfg.freeze_backbone:
+        freeze_backbone(model)
     return model
 
 
@@ -128,7 +134,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         total_steps = cfg.epochs * steps_per_epoch
         optimizer, scheduler = build_optimizer(raw, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_lr=cfg.warmup_lr,
                                                min_lr=cfg.min_lr, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-                                               total_steps=total_steps, device=device)
+                                               total_steps=total_steps, device=device, layer_decay=cfg.layer_decay)
         scaler, amp_dtype, autocast = _precision(cfg, device)
         mixup, criterion = _mixup_and_loss(cfg, splits.num_classes)
 
@@ -139,21 +145,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             log(f"resuming {out / 'last.pt'}: epoch {p.epoch + 1}, step {p.step}" + _extension(state, cfg))
         if d.main:
             write_train_config(out, cfg)
-        val_set = splits.val if not d.enabled else Subset(splits.val, range(d.rank, len(splits.val), d.world_size))
-        loader_args = dict(num_workers=_workers(cfg, d), pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
-        val_loader = DataLoader(val_set, batch_size=max(1, cfg.batch_size // d.world_size), **loader_args)
-        train_set = SeededSamples(splits.train, cfg.seed)
-        log(describe_run(cfg, splits, raw, d.world_size, steps_per_epoch))
+        train_set, draw_weights, val_loader, loader_args = _data_loading(cfg, splits, d, device)
+        log(describe_run(cfg, splits, raw, d.world_size, steps_per_epoch) + "\n" + recipe_line(cfg, n_train))
 
         last_step = min(total_steps, cfg.max_steps or total_steps)
-        with RunControl(d, every_steps=cfg.checkpoint_every_steps, every_minutes=cfg.checkpoint_every_minutes) as control:
+        with RunControl(d, every_steps=cfg.checkpoint_every_steps, every_minutes=cfg.checkpoint_every_minutes) as control, \
+                TensorBoardLog(out, enabled=cfg.tensorboard and d.main, resume_step=p.step if state else None) as board:
             # An epoch stopped after its last step (epoch_step > 0) still has its validation to do.
-            while p.epoch < cfg.epochs and (p.step < last_step or p.epoch_step > 0):
+            while p.epoch < cfg.epochs and (p.step < last_step or p.epoch_step > 0) and not early_stop(p.history, cfg.early_stop):
                 # ---- one epoch (or what is left of it, up to --max-steps)
                 batches = epoch_batches(n_train, cfg.batch_size, seed=cfg.seed, epoch=p.epoch, rank=d.rank,
-                                        world_size=d.world_size, accum_steps=cfg.accum_steps, start_step=p.epoch_step)
+                                        world_size=d.world_size, accum_steps=cfg.accum_steps, start_step=p.epoch_step,
+                                        sample_weights=draw_weights)
                 loader = DataLoader(train_set, batch_sampler=batches[:(last_step - p.step) * cfg.accum_steps], **loader_args)
-                model.train()
+                set_train_mode(model, frozen_backbone=cfg.freeze_backbone)
                 bar = tqdm(total=steps_per_epoch, initial=p.epoch_step, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", unit="step",
                            disable=None if d.main else True, leave=False, dynamic_ncols=True)
                 meter = EpochMeter(device)
@@ -162,6 +167,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                     # Mixup and drop path draw from streams of (seed, step, rank): resumable, not worker-bound.
                     seed_everything(stream_seed(STEP, cfg.seed, p.step, d.rank))
                     inputs, target = mixup(x, y) if mixup is not None else (x, y)
+                    board.images(inputs, splits.mean, splits.std, p.step)  # once
                     sync = (micro + 1) % cfg.accum_steps == 0  # the last micro-batch of an optimizer step
                     with model.no_sync() if d.enabled and not sync else nullcontext():
                         with autocast:
@@ -195,22 +201,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 # ---- end of the epoch: validate, checkpoint, metrics
                 evaluated = ema.module if ema is not None else net
                 val = evaluate(evaluated, val_loader, num_classes=splits.num_classes, device=device, amp_dtype=amp_dtype,
-                               distributed=d.enabled)
+                               distributed=d.enabled, progress=d.main)
                 row = p.end_epoch(stats, val, lr=scheduler.get_last_lr()[0])
+                board.epoch(row)
                 if d.main:
                     _save_epoch(out, p, row, evaluated, cfg, lambda: training_checkpoint(raw, ema, optimizer, scheduler, scaler, cfg, p))
                 control.saved()
                 log(epoch_line(row, cfg.epochs, val.k))
                 if control.poll_stop():  # a signal during validation: stop at the epoch's checkpoint
                     break
+            board.hparams(cfg, p.history)
 
         if control.stopped:
             d.close()
             raise control.stopped_error(p, steps_per_epoch, out / "last.pt")
         # ---- the final model, in transformers' layout, with its evaluation preprocessing
         if d.main and p.history:
-            _save_final(ema.module if ema is not None else raw, out, cfg, splits)
-            log(run_summary(p.history, out))
+            log(_save_final(ema.module if ema is not None else raw, out, cfg, splits, p))
     d.close()
     return p.history[-1] if p.history else {}
 
@@ -269,6 +276,17 @@ def _check_batch_size(cfg: TrainConfig, n_train: int, d: Dist) -> int:
     return n_train
 
 
+def _data_loading(cfg: TrainConfig, splits: DataSplits, d: Dist, device: torch.device
+                  ) -> tuple[SeededSamples, torch.Tensor | None, DataLoader, dict[str, Any]]:
+    """The training set keyed by ``(epoch, index)``, its drawing weights (``--balance-classes``; None:
+    a permutation per epoch), this rank's validation loader and the DataLoader options of both."""
+    val_set = splits.val if not d.enabled else Subset(splits.val, range(d.rank, len(splits.val), d.world_size))
+    loader_args = dict(num_workers=_workers(cfg, d), pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    val_loader = DataLoader(val_set, batch_size=max(1, cfg.batch_size // d.world_size), **loader_args)
+    draw_weights = class_balanced_weights(splits.train.targets) if cfg.balance_classes else None
+    return SeededSamples(splits.train, cfg.seed), draw_weights, val_loader, loader_args
+
+
 def _workers(cfg: TrainConfig, d: Dist) -> int:
     """DataLoader workers per process: none for the in-memory digits, else up to 8 of this process's CPUs."""
     if cfg.workers is not None:
@@ -284,14 +302,22 @@ def _check_finite(loss_sum: torch.Tensor, d: Dist, p: Progress, out: Path) -> No
                                "lower --lr, add --clip-grad 1.0, or use --amp none")
 
 
-def _save_final(model: nn.Module, out: Path, cfg: TrainConfig, splits: DataSplits) -> None:
+def _save_final(model: nn.Module, out: Path, cfg: TrainConfig, splits: DataSplits, p: Progress) -> str:
+    """model.safetensors with its config and evaluation preprocessing, and the model card with the run's
+    metrics; returns the run's last log lines (an early stop, where the files are)."""
     if cfg.data == "digits":
         # The digits tensors are the images at the model's size: a plain resize reproduces them.
         pre = PreprocessConfig(image_size=cfg.image_size, crop_pct=None, mean=splits.mean, std=splits.std)
     else:
         pre = dataclasses.replace(PreprocessConfig.for_resolution(cfg.image_size), mean=splits.mean, std=splits.std)
     with disk_full_is_one_line(out / "model.safetensors", out / "last.pt"):
-        save_pretrained(model, out, preprocess=pre)
+        save_pretrained(model, out, preprocess=pre, model_card=False)
+        pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+        write_model_card(out, model.config, pretrained_cfg=pretrained_cfg, **card_facts(cfg, splits, p.history),
+                         base_model=pretrained_cfg.get("hub_id") if cfg.weights else None,
+                         num_params=sum(t.numel() for t in model.parameters()))
+    stopped_early = early_stop(p.history, cfg.early_stop) if p.epoch < cfg.epochs else None
+    return (stopped_early + "\n" if stopped_early else "") + run_summary(p.history, out)
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -305,7 +331,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # What --resume may change: how long the run goes on (the schedule follows a new --epochs), how
 # often it saves, how it loads data. Anything else would make it another run.
-RESUME_CHANGES = ("epochs", "max_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "workers")
+RESUME_CHANGES = ("epochs", "max_steps", "early_stop", "checkpoint_every_steps", "checkpoint_every_minutes", "workers",
+                  "tensorboard")
 
 
 def resume_config(output: str, given: dict[str, Any]) -> TrainConfig:
@@ -317,7 +344,7 @@ def resume_config(output: str, given: dict[str, Any]) -> TrainConfig:
     ignored = [k for k, v in given.items() if k not in ("output", "data", *RESUME_CHANGES) and v not in (None, False)]
     if ignored:
         logger.warning("--resume continues with the saved options; ignoring %s", ", ".join(flag(k) for k in ignored))
-    cfg = dataclasses.replace(cfg, output=output, **{k: given[k] for k in RESUME_CHANGES if given.get(k) is not None})
+    cfg = dataclasses.replace(cfg, output=output, **{k: given[k] for k in RESUME_CHANGES if given.get(k) not in (None, False)})
     cfg.validate()
     return cfg
 

@@ -42,6 +42,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 _WEIGHT_DECAY_0_1 = ("cvt-21", "cvt-w24")
 
 DATA, SCHEDULE, AUGMENT, EXECUTION = "what to train", "schedule and optimizer", "regularisation and augmentation", "execution"
+FINETUNE = "fine-tuning and small data"
 
 
 @dataclass
@@ -81,6 +82,17 @@ class TrainConfig:
     clip_grad: float = option(0.0, "max global gradient norm (0: no clipping)", group=SCHEDULE, check=">= 0")
     ema_decay: float = option(0.0, "keep an EMA of the weights, e.g. 0.9998; validation, best.pt and the final model "
                               "use it (0: off)", group=SCHEDULE, check="[0, 1)")
+    freeze_backbone: bool = option(False, "linear probe: train the classifier only; the rest keeps its weights and stays in "
+                                   "eval mode (BatchNorm statistics, no dropout or drop path)", group=FINETUNE)
+    layer_decay: float | None = option(None, "layer-wise learning-rate decay, e.g. 0.75: the head learns at --lr, each "
+                                       "earlier layer (block, or a stage's embedding) at that times this", group=FINETUNE,
+                                       check="(0, 1]", none="off")
+    early_stop: int = option(0, "stop after this many epochs without a better val top-1; best.pt keeps the best "
+                             "(0: off)", group=FINETUNE, check=">= 0")
+    balance_classes: bool = option(False, "draw training images with replacement so that every class is drawn equally "
+                                   "often (an epoch: as many draws as training images)", group=FINETUNE)
+    tensorboard: bool = option(False, "also write TensorBoard event files in <output>/tensorboard (needs the tensorboard "
+                               "package: pip install torchcvt[tensorboard])", group=EXECUTION)
     amp: str = option("none", "mixed precision (fp16: CUDA, with a gradient scaler)", group=EXECUTION, choices=("none", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile the model", group=EXECUTION)
     seed: int = option(0, "training seed", group=EXECUTION)
@@ -143,7 +155,7 @@ def resolve_config(**options: Any) -> TrainConfig:
         raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
     given = {k: v for k, v in options.items() if v is not None}
     data, weights = given.get("data", "digits"), given.get("weights")
-    recipe = given.get("recipe") or ("digits" if data == "digits" else "finetune" if weights else "paper")
+    recipe = given.get("recipe") or automatic_recipe(data, weights)
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     # No --model: the checkpoint's architecture with --weights, else the default (cvt-tiny) for the digits, else cvt-13.
@@ -157,6 +169,29 @@ def resolve_config(**options: Any) -> TrainConfig:
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
+
+
+def automatic_recipe(data: str, weights: str | None) -> str:
+    """The recipe without ``--recipe``: digits for the digits, finetune with ``--weights``, else paper."""
+    return "digits" if data == "digits" else "finetune" if weights else "paper"
+
+
+# Below this many training images, training from scratch (the paper's recipe, made for ImageNet's 1.28 M) overfits.
+SMALL_DATA = 10_000
+
+
+def recipe_line(cfg: TrainConfig, train_images: int) -> str:
+    """The log line that says which recipe a run follows and why, with advice for small data."""
+    why = {"digits": "the digits demo", "paper": "no --weights: from scratch, as the paper on ImageNet",
+           "finetune": "--weights given: a short schedule, light augmentation, a new head when the classes differ"}
+    reason = why[cfg.recipe] if cfg.recipe == automatic_recipe(cfg.data, cfg.weights) else "--recipe given"
+    line = f"recipe: {cfg.recipe} ({reason})"
+    if cfg.recipe == "paper" and train_images < SMALL_DATA and not cfg.weights:
+        line += (f"; with {train_images} training images a model trained from scratch overfits: fine-tune a pretrained "
+                 "one instead (--weights cvt-13), adding --freeze-backbone for very few images per class")
+    elif cfg.weights and train_images < SMALL_DATA and not (cfg.freeze_backbone or cfg.layer_decay):
+        line += f"; {train_images} training images: --freeze-backbone (a linear probe) or --layer-decay 0.75 may generalise better"
+    return line
 
 
 def _model_image_size(model: str | None, weights: str | None) -> int:

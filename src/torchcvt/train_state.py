@@ -62,7 +62,7 @@ class Progress:
         row = {
             "epoch": self.epoch + 1, "step": self.step,
             "train_loss": stats["loss_sum"] / stats["seen"], "train_top1": stats["correct"] / stats["seen"],
-            "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5,
+            "val_loss": val.loss, "val_top1": val.top1, **({"val_top5": val.top5} if val.reports_top5 else {}),
             "lr": lr, "images_per_sec": stats["seen"] / max(stats["seconds"], 1e-9), "epoch_seconds": stats["seconds"],
         }
         self.history.append(row)
@@ -227,7 +227,11 @@ def describe_run(cfg: Any, splits: DataSplits, model: nn.Module, world_size: int
     arch = cfg.model or f"the architecture of {cfg.weights}"
     per_process = cfg.batch_size // world_size // cfg.accum_steps
     extras = [name for name, on in (("EMA", cfg.ema_decay > 0), ("compile", cfg.compile), ("deterministic", cfg.deterministic),
-                                    (f"amp {cfg.amp}", cfg.amp != "none"), (f"clip {cfg.clip_grad}", cfg.clip_grad > 0)) if on]
+                                    (f"amp {cfg.amp}", cfg.amp != "none"), (f"clip {cfg.clip_grad}", cfg.clip_grad > 0),
+                                    ("frozen backbone (linear probe)", cfg.freeze_backbone),
+                                    (f"layer decay {cfg.layer_decay}", cfg.layer_decay is not None),
+                                    (f"early stop after {cfg.early_stop} epoch(s) without progress", cfg.early_stop > 0),
+                                    ("class-balanced sampling", cfg.balance_classes)) if on]
     return "\n".join([
         f"data: {describe(splits)}",
         f"model: {arch}{' from ' + cfg.weights if cfg.weights and cfg.model else ''}, {params:,} parameters, "
@@ -241,9 +245,10 @@ def describe_run(cfg: Any, splits: DataSplits, model: nn.Module, world_size: int
 
 
 def epoch_line(row: dict[str, Any], epochs: int, k: int) -> str:
-    """The log line of a metrics row (``k``: the top-k of ``val_top5``)."""
+    """The log line of a metrics row (``k``: the top-k of ``val_top5``, shown only with more than 5 classes)."""
+    top5 = f" top-{k} {100 * row['val_top5']:.2f} %" if "val_top5" in row else ""
     return (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} top-1 {100 * row['train_top1']:.2f} %  "
-            f"val loss {row['val_loss']:.4f} top-1 {100 * row['val_top1']:.2f} % top-{k} {100 * row['val_top5']:.2f} %  "
+            f"val loss {row['val_loss']:.4f} top-1 {100 * row['val_top1']:.2f} %{top5}  "
             f"lr {row['lr']:.2e}  {row['images_per_sec']:.0f} img/s  {row['epoch_seconds']:.1f} s")
 
 
@@ -253,6 +258,21 @@ def run_summary(history: list[dict[str, Any]], out: Path) -> str:
     return (f"done: {out}/model.safetensors (epoch {history[-1]['epoch']}, val top-1 {100 * history[-1]['val_top1']:.2f} %); "
             f"best val top-1 {100 * best['val_top1']:.2f} % at epoch {best['epoch']} in {out}/best.pt; "
             f"learning curves: {out}/learning_curves.png")
+
+
+def card_facts(cfg: Any, splits: DataSplits, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a run's model card says about it (``modelcard.write_model_card``'s ``metrics``, ``data``,
+    ``recipe``): the final model's validation metrics and the best epoch, the data and the options."""
+    last, best = history[-1], max(history, key=lambda r: r["val_top1"])
+    metrics = {k: last[k] for k in ("val_top1", "val_top5", "val_loss", "train_loss") if k in last}
+    metrics.update({"epochs trained": last["epoch"], "best val top-1 (best.pt)": f"{100 * best['val_top1']:.2f} % at epoch {best['epoch']}"})
+    data = {"name": "digits" if cfg.data == "digits" else Path(cfg.data.rstrip("/\\")).name, "classes": splits.num_classes,
+            "train images": len(splits.train), "val images": len(splits.val)}
+    shown = ("recipe", "weights", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "mixup",
+             "cutmix", "randaugment", "drop_path", "ema_decay", "freeze_backbone", "layer_decay", "early_stop",
+             "balance_classes", "seed")
+    recipe = {k: getattr(cfg, k) for k in shown if getattr(cfg, k) not in (None, False)}
+    return {"metrics": metrics, "data": data, "recipe": recipe}
 
 
 def write_metrics(history: list[dict[str, Any]], out: Path) -> None:
