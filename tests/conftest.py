@@ -120,6 +120,15 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ training runs
+@pytest.fixture
+def torch_state():
+    """In-process runs set torch's thread count (``--threads``) and seed its global RNG: restore both."""
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_rng_state(rng)
+
+
 def cvt_train(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m torchcvt train ARGS`` in ``cwd``; fails the test on a non-zero exit."""
     proc = subprocess.run([sys.executable, "-m", "torchcvt", "train", *args], cwd=cwd, capture_output=True,

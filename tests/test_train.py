@@ -33,13 +33,8 @@ from torchcvt.train_state import EMA
 from conftest import cvt_train, image_folder, read_metrics
 
 
-@pytest.fixture(autouse=True)
-def torch_state():
-    """In-process runs set torch's thread count (``--threads``) and seed its global RNG: restore both."""
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_rng_state(rng)
+# In-process runs set torch's thread count (--threads) and seed its global RNG: restore both after each test.
+pytestmark = pytest.mark.usefixtures("torch_state")
 
 
 # ------------------------------------------------------------------------------------ the parts

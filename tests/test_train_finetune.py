@@ -25,13 +25,8 @@ from torchcvt.train_state import Progress, epoch_line
 from conftest import image_folder, read_metrics
 
 
-@pytest.fixture(autouse=True)
-def torch_state():
-    """In-process runs set torch's thread count (``--threads``) and seed its global RNG: restore both."""
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_rng_state(rng)
+# In-process runs set torch's thread count (--threads) and seed its global RNG: restore both after each test.
+pytestmark = pytest.mark.usefixtures("torch_state")
 
 
 def _depth_by_hand(name: str, depths: tuple[int, ...]) -> int:
@@ -206,3 +201,38 @@ def test_early_stop_tensorboard_and_a_linear_probe_on_three_classes(tmp_path, ca
     moved = {k for k in start if not torch.equal(start[k], tuned[k])}
     assert moved == {"classifier.weight", "classifier.bias"}, moved
     assert json.loads((probe / "train_config.json").read_text())["freeze_backbone"] is True
+
+
+def test_a_class_balanced_run_with_layer_decay_stopped_mid_epoch_resumes_byte_identical(tmp_path, capsys, monkeypatch):
+    """SIGINT inside step 4 (the second epoch: 3 steps each), then --resume: the same final model and
+    metrics as the run never stopped (the draws with replacement and their augmentation included)."""
+    import os
+    import signal
+
+    from torchcvt.train_state import EpochMeter
+
+    data = image_folder(tmp_path / "shapes", {"a": 14, "b": 8, "c": 6}, size=32)
+    options = ["train", "--data", str(data), "--model", "cvt-tiny", "--image-size", "32", "--batch-size", "8", "--epochs", "2",
+               "--workers", "0", "--deterministic", "--balance-classes", "--layer-decay", "0.7", "--hflip", "0.5"]
+    assert cli.main([*options, "--output", str(tmp_path / "whole")]) == 0
+    calls, real_add = 0, EpochMeter.add
+
+    def add(self, *args):
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_add(self, *args)
+
+    monkeypatch.setattr(EpochMeter, "add", add)
+    assert cli.main([*options, "--output", str(tmp_path / "stopped")]) == 130
+    assert torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(EpochMeter, "add", real_add)
+    assert cli.main(["train", "--resume", "--output", str(tmp_path / "stopped")]) == 0
+    capsys.readouterr()
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert (whole / "model.safetensors").read_bytes() == (stopped / "model.safetensors").read_bytes()
+    timing = ("images_per_sec", "epoch_seconds")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(whole)] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(stopped)]
+    assert len(read_metrics(whole)) == 2 and read_metrics(whole)[-1]["step"] == 6

@@ -344,7 +344,9 @@ def resume_config(output: str, given: dict[str, Any]) -> TrainConfig:
     ignored = [k for k, v in given.items() if k not in ("output", "data", *RESUME_CHANGES) and v not in (None, False)]
     if ignored:
         logger.warning("--resume continues with the saved options; ignoring %s", ", ".join(flag(k) for k in ignored))
-    cfg = dataclasses.replace(cfg, output=output, **{k: given[k] for k in RESUME_CHANGES if given.get(k) not in (None, False)})
+    # A flag not given is False: it leaves the saved value (``--early-stop 0`` is given, and turns it off).
+    changes = {k: given[k] for k in RESUME_CHANGES if given.get(k) is not None and given[k] is not False}
+    cfg = dataclasses.replace(cfg, output=output, **changes)
     cfg.validate()
     return cfg
 
