@@ -85,7 +85,7 @@ class TrainConfig:
     freeze_backbone: bool = option(False, "linear probe: train the classifier only; the rest keeps its weights and stays in "
                                    "eval mode (BatchNorm statistics, no dropout or drop path)", group=FINETUNE)
     layer_decay: float | None = option(None, "layer-wise learning-rate decay, e.g. 0.75: the head learns at --lr, each "
-                                       "earlier layer (block, or a stage's embedding) at that times this", group=FINETUNE,
+                                       "layer before it (a block, or a stage's embedding) at this times the rate of the next", group=FINETUNE,
                                        check="(0, 1]", none="off")
     early_stop: int = option(0, "stop after this many epochs without a better val top-1; best.pt keeps the best "
                              "(0: off)", group=FINETUNE, check=">= 0")
