@@ -1,6 +1,6 @@
 """Small data: the table "Fine-tuning on small data" of docs/training.md.
 
-The digits' training split (1437 images) is cut, per class, into 10 % (the small task, 143 images)
+The digits' training split (1437 images) is cut, per class, into 10 % (the small task, 144 images)
 and the other 90 %. A cvt-tiny trained on the 90 % gets a new, random head; then on the 10 %:
 
 * from scratch: random weights;
@@ -11,7 +11,7 @@ each scored on the digits' held-out split (360 images, never trained on) by its 
 images are written as 32x32 PNG folders, so every arm reads them through the same image-folder
 pipeline, with the same options (``COMMON``) apart from the learning rate.
 
-    python benchmarks/small_data.py --work /tmp/small-data       # ~10 minutes on 2 CPU cores
+    python benchmarks/small_data.py --work /tmp/small-data       # ~15 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
