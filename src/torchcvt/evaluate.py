@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .backends import add_backend_arguments, inference_runner, log_backend_choice
 from .errors import ConfigError, DataError
 from .fileio import atomic_save
 from .transforms import denormalize, load_image
@@ -65,7 +66,7 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     loader: DataLoader,
     *,
     num_classes: int | None = None,
@@ -78,18 +79,24 @@ def evaluate(
     ``num_classes``: N (default: ``model.num_classes``). ``device``: where to run (default: the
     model's). ``amp_dtype``: autocast dtype (bfloat16/float16) or None for full precision.
     ``distributed``: every rank evaluated a disjoint shard; sum the counts over all ranks.
-    The model is put in eval mode and its training flag restored afterwards.
+    The model is put in eval mode and its training flag restored afterwards. ``model`` may also be
+    any callable from pixels to logits (``backends.optimize_for_inference``); then ``num_classes``
+    is needed and ``device`` defaults to the CPU.
     """
+    module = model if isinstance(model, nn.Module) else None
+    if module is None and num_classes is None:
+        raise ConfigError("evaluate: give num_classes for a callable that is not a model")
     num_classes = num_classes or model.num_classes
-    param = next(model.parameters())
-    device = torch.device(device) if device is not None else param.device
+    default = next(module.parameters()).device if module is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else default
     k = min(TOP_K, num_classes)
     # Sums on the device, read once at the end: no host sync per batch.
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     topk_hits = torch.zeros((), dtype=torch.int64, device=device)
-    was_training = model.training
-    model.eval()
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     try:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -106,7 +113,8 @@ def evaluate(
             cells = y * num_classes + logits.argmax(dim=-1)
             confusion.index_put_((cells,), torch.ones_like(cells), accumulate=True)
     finally:
-        model.train(was_training)
+        if module is not None:
+            module.train(was_training)
     if distributed:
         import torch.distributed as dist
 
@@ -141,6 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: 0 for digits, else min(4, CPUs - 1))")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    add_backend_arguments(parser)
     parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (fp16: CUDA only)")
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted) instead of stopping")
     parser.add_argument("--output", default=None,
@@ -217,7 +226,11 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else (0 if digits else min(4, max(0, (os.cpu_count() or 1) - 1)))
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    result = evaluate(model, loader, device=device, amp_dtype=amp)
+    if amp is not None and (args.backend not in (None, "eager") or args.precision != "float32"):
+        raise ConfigError("--amp runs the eager float32 backend; for bfloat16 on the CPU use --precision bfloat16")
+    log_backend_choice(args)
+    runner = inference_runner(model, args.backend, args.precision)
+    result = evaluate(runner, loader, num_classes=model.num_classes, device=device, amp_dtype=amp)
 
     labels = [splits.id2label[i] for i in range(model.num_classes)]
     folder = _checkpoint_folder(args.weights)
