@@ -119,6 +119,8 @@ def main() -> int:
     parser.add_argument("--options", default=",".join(OPTIONS), help=f"comma-separated, from {', '.join(OPTIONS)}")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", default="1:8,8:3", help="timed rounds per batch size (default 1:8,8:3)")
+    parser.add_argument("--random-inputs", type=int, default=200,
+                        help="random inputs of the CvT-13 for the agreement (default 200; fewer where an option is very slow)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,7 +135,7 @@ def main() -> int:
     train_x = torch.stack([splits.train[i][0] for i in range(32)])
     torch.manual_seed(0)
     cvt13 = create_model("cvt-13").eval()
-    random_x = torch.randn(200, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    random_x = torch.randn(args.random_inputs, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     calibration = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(2))
 
     rows = []
@@ -149,7 +151,7 @@ def main() -> int:
     cpu = cpu_info()
     print(f"CPU: {cpu.describe()}; torch {torch.__version__}, onnxruntime {onnxruntime_version()}, "
           f"threads {torch.get_num_threads()}, load average at start/end: {start_load} / {load_average()}")
-    print(f"digits: {len(val_y)} held-out images at {pre.image_size}px ({args.digits}); CvT-13: random weights, 200 random inputs\n")
+    print(f"digits: {len(val_y)} held-out images at {pre.image_size}px ({args.digits}); CvT-13: random weights, {len(random_x)} random inputs\n")
     batches = list(rounds)
     print("| option | " + " | ".join(f"speed b{b}" for b in batches)
           + " | CvT-13 top-1 agreement | CvT-13 max logit change | digits top-1 agreement | digits max logit change | digits top-1 (fp32) |")
