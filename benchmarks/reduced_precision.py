@@ -26,7 +26,6 @@ import copy
 import statistics
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
