@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from . import attention_maps, bench, evaluate, export, inference, train
 from .errors import TorchCvTError
+from .serve import command as serve
 
 # By name: the package's attribute `torchcvt.summary` is the summary() function, not the module.
 from .summary import add_arguments as add_summary_arguments, run as run_summary
@@ -46,6 +47,8 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("top-1/top-5, per-class accuracy and a confusion matrix", evaluate.add_arguments, evaluate.run),
     "bench": Command("time torchcvt against transformers' CvT on the same weights", bench.add_arguments, bench.run),
     "export": Command("export to ONNX or torch.export and check the result", export.add_arguments, export.run),
+    "serve": Command("serve a model over HTTP: Open Inference Protocol v2, /predict, metrics, an upload page",
+                     serve.add_arguments, serve.run),
 }
 
 
