@@ -306,7 +306,8 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
         """The crop the model saw, with its last-stage cls-token attention (mean over heads) laid over it."""
         service = state.service
         if not service.has_attention:
-            raise RequestError(409, "this model has no cls token in its last stage, so no attention map to show")
+            raise RequestError(409, "this model has no attention map to show: it needs a cls token in its last stage "
+                                    "and more than one key position at its input size")
         files = await _uploaded_files(request, 1)
 
         async def work() -> bytes:

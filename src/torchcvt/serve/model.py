@@ -76,7 +76,15 @@ class ModelService:
         self.max_pixels = max_pixels
         self.labels = classifier.labels
         self.image_size = classifier.preprocess_config.image_size
-        self.has_attention = bool(classifier.model.config.cls_token[-1])
+        self.has_attention = self._attention_grid() not in (None, (1, 1))
+
+    def _attention_grid(self) -> tuple[int, int] | None:
+        """The key grid of the last block's cls-token attention at the input size; None without a
+        cls token. A 1x1 grid (small inputs, e.g. the 32 px digits model) has nothing to show."""
+        if not self.classifier.model.config.cls_token[-1]:
+            return None
+        maps, _ = cls_attention(self.classifier.model, torch.zeros(3, self.image_size, self.image_size))
+        return tuple(maps.shape[-2:])
 
     @property
     def num_classes(self) -> int:

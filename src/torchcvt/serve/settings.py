@@ -24,7 +24,7 @@ class ServeSettings:
     device: str | None = None
     max_batch_size: int = 8
     max_delay_ms: float = 5.0
-    max_queue: int = 64
+    max_queue: int = 128
     timeout_s: float = 30.0
     max_body_mb: float = 20.0
     max_pixels: int = DEFAULT_MAX_PIXELS
