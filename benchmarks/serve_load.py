@@ -155,6 +155,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120, help="client timeout per request, s (default: 120)")
     parser.add_argument("--baseline", type=int, default=0, metavar="N", help="also time N single images in-process")
     parser.add_argument("--backend", default="eager", help="backend for the server and the baseline (default: eager)")
+    parser.add_argument("--server-pid", type=int, help="with --url: report this process's (and children's) peak memory")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more `cvt serve` options")
     args = parser.parse_args()
@@ -177,8 +178,8 @@ def main() -> int:
     try:
         for concurrency in args.concurrency:
             row = asyncio.run(run_level(args.url, args.name, args.endpoint, image, concurrency, args.requests, args.timeout))
-            if process is not None:
-                row["server_peak_rss_mb"] = peak_rss_mb(process.pid)
+            if process is not None or args.server_pid:
+                row["server_peak_rss_mb"] = peak_rss_mb(process.pid if process is not None else args.server_pid)
             results["levels"].append(row)
             print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     finally:
