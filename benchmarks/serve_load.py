@@ -1,6 +1,6 @@
 """Load test of an image classification server: throughput, latency percentiles, errors and 503s.
 
-    python benchmarks/serve_load.py --weights cvt-13 --concurrency 1 8 32 128 --requests 400
+    python benchmarks/serve_load.py --weights cvt-13 --concurrency 1 8 32 128 --requests 200 200 300 2000
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --name cvt-13 --concurrency 32
 
 With ``--weights`` it starts ``cvt serve`` itself (extra options after ``--serve-args``), waits
@@ -151,14 +151,20 @@ def main() -> int:
     parser.add_argument("--name", help="model name on the server (default: from --weights)")
     parser.add_argument("--endpoint", choices=("infer", "predict"), default="infer", help="OIP infer (default) or /predict")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128], help="levels (default: 1 8 32 128)")
-    parser.add_argument("--requests", type=int, default=400, help="requests per level (default: 400)")
+    parser.add_argument("--requests", type=int, nargs="+", default=[400],
+                        help="requests per level: one number for all, or one per level (default: 400)")
     parser.add_argument("--timeout", type=float, default=120, help="client timeout per request, s (default: 120)")
     parser.add_argument("--baseline", type=int, default=0, metavar="N", help="also time N single images in-process")
     parser.add_argument("--backend", default="eager", help="backend for the server and the baseline (default: eager)")
+    parser.add_argument("--threads", type=int, help="PyTorch threads for the server (`cvt serve --threads`) and the baseline "
+                                                    "(default: PyTorch's, every core)")
     parser.add_argument("--server-pid", type=int, help="with --url: report this process's (and children's) peak memory")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more `cvt serve` options")
     args = parser.parse_args()
+    if len(args.requests) not in (1, len(args.concurrency)):
+        parser.error("--requests: give one number, or one per --concurrency level")
+    requests = args.requests * len(args.concurrency) if len(args.requests) == 1 else args.requests
     image = test_image()
     process = None
     if args.weights:
@@ -169,15 +175,17 @@ def main() -> int:
         args.name = args.name or model_name_for(args.weights)
         command = [sys.executable, "-m", "torchcvt", "serve", "--weights", args.weights, "--port", str(port),
                    "--name", args.name, "--backend", args.backend, *args.serve_args]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
         print("server:", " ".join(command[2:]), flush=True)
         process = subprocess.Popen(command)
         wait_ready(args.url, process)
     if not args.url or not args.name:
         parser.error("give --weights, or --url and --name")
-    results: dict = {"server": args.serve_args, "cpu_count": os.cpu_count(), "levels": []}
+    results: dict = {"server": args.serve_args, "threads": args.threads, "cpu_count": os.cpu_count(), "levels": []}
     try:
-        for concurrency in args.concurrency:
-            row = asyncio.run(run_level(args.url, args.name, args.endpoint, image, concurrency, args.requests, args.timeout))
+        for concurrency, count in zip(args.concurrency, requests):
+            row = asyncio.run(run_level(args.url, args.name, args.endpoint, image, concurrency, count, args.timeout))
             if process is not None or args.server_pid:
                 row["server_peak_rss_mb"] = peak_rss_mb(process.pid if process is not None else args.server_pid)
             results["levels"].append(row)
@@ -188,7 +196,7 @@ def main() -> int:
             results["server_exit_status"] = process.wait(timeout=120)
             print("server exit status:", results["server_exit_status"])
     if args.baseline:
-        results["baseline"] = baseline(args.weights, args.backend, image, args.baseline, None)
+        results["baseline"] = baseline(args.weights, args.backend, image, args.baseline, args.threads)
         print("baseline (in-process, one image at a time):", results["baseline"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
