@@ -4,6 +4,7 @@
     python benchmarks/serving_candidates.py litserve --weights DIR --port 8001
     python benchmarks/serving_candidates.py kserve   --weights DIR --port 8002   # the kserve SDK
     python benchmarks/serving_candidates.py mlserver --weights DIR --port 8003
+    python benchmarks/serve_load.py --url http://127.0.0.1:8001 --name model --server-pid PID --concurrency 1 32
 
 Each answers ``POST /v2/models/NAME/infer`` with one base64 BYTES image (the load script's
 request) using torchcvt's own ``ModelService`` for decode, preprocessing and the forward pass, so
@@ -11,7 +12,10 @@ only the serving layer differs: LitServe and MLServer batch with their own batch
 (``--max-batch-size``, ``--max-delay-ms``); the kserve SDK has no batcher in the server (KServe
 batches in a sidecar in the cluster), so it runs one request per forward pass. Each library is
 installed in a venv of its own (``pip install -c constraints.txt litserve`` with ``torch==2.13.0``
-in the constraints, so that none of them replaces the CPU torch).
+in the constraints, so that none of them replaces the CPU torch). ``--threads`` fixes PyTorch's
+threads in whichever process loads the model (``cvt serve --threads`` for the FastAPI server): on a
+shared 2-core machine two threads are many times slower than one, which would swamp any difference
+between the libraries.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ NAME = "model"
 def load_service(weights: str):
     from torchcvt import Classifier
     from torchcvt.serve.model import ModelService
+
+    if os.environ.get("OMP_NUM_THREADS"):  # --threads; read here, in the process that runs the model
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
     return ModelService(Classifier(weights, device="cpu"), NAME)
 
@@ -155,7 +162,10 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--parallel-workers", type=int, default=0, help="MLServer's inference pool processes (default: 0, in the server process)")
+    parser.add_argument("--threads", type=int, help="PyTorch threads in the process that runs the model (default: every core)")
     args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by LitServe's and MLServer's workers
     {"litserve": run_litserve, "kserve": run_kserve, "mlserver": run_mlserver}[args.library](args)
 
 
