@@ -7,6 +7,7 @@ input's, whatever batch it travelled in.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -98,3 +99,25 @@ def test_cancelled_requests_are_skipped_and_failures_reach_only_their_batch():
     calls, after = run(main())
     assert calls == [[13.0], [1.0]]  # the cancelled image never reached the model
     assert after.tolist() == [12.0]
+
+
+def test_images_that_would_wait_past_max_wait_are_refused():
+    # The model takes at least 0.2 s per batch of one: at most 5 images/s (a loaded machine only
+    # makes it slower, which makes the refusal more certain). Before any batch ran the speed is
+    # unknown and nothing is refused for waiting; after one, 10 queued images would wait >= 2 s.
+    def slow(pixels):
+        time.sleep(0.2)
+        return pixels.sum(dim=(1, 2, 3))
+
+    async def main():
+        batcher = DynamicBatcher(slow, max_batch_size=1, max_delay=0.0, max_queue=100, max_wait=1.0)
+        batcher.start()
+        first = await batcher.submit(images(1))
+        assert batcher.expected_wait(10) >= 2.0
+        with pytest.raises(QueueFull) as refused:
+            await batcher.submit(images(*range(10)))
+        assert refused.value.retry_after >= 1
+        await batcher.stop()
+        return first
+
+    assert run(main()).tolist() == [12.0]

@@ -93,9 +93,10 @@ class ServingMiddleware:
         batcher: DynamicBatcher | None = getattr(self.state, "batcher", None)
         if batcher is None:
             return error(503, "the model is not loaded yet", {"Retry-After": "1"})
-        if self.in_flight >= self.settings.max_queue:
+        if self.in_flight >= self.settings.max_queue or batcher.expected_wait() > self.settings.max_wait_s:
             retry = str(batcher.retry_after())
-            return error(503, f"too many requests in flight ({self.in_flight}); retry in {retry} s", {"Retry-After": retry})
+            return error(503, f"overloaded ({self.in_flight} requests in flight, {batcher.queued} images queued); "
+                              f"retry in {retry} s", {"Retry-After": retry})
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
             return error(413, f"request body of {int(declared)} bytes is over the limit of "
@@ -130,7 +131,7 @@ def create_app(settings: ServeSettings, service: ModelService | None = None) -> 
         throughput = metrics.Throughput()
         state.batcher = DynamicBatcher(
             state.service.forward, max_batch_size=settings.max_batch_size, max_delay=settings.max_delay_ms / 1000,
-            max_queue=settings.max_queue, on_batch=lambda n, s: metrics.record_batch(n, s, throughput),
+            max_queue=settings.max_queue, max_wait=settings.max_wait_s, on_batch=lambda n, s: metrics.record_batch(n, s, throughput),
             on_depth=metrics.QUEUE_DEPTH.set,
         )
         state.batcher.start()

@@ -6,9 +6,11 @@ more to arrive (Triton's ``max_queue_delay``, LitServe's ``batch_timeout``), and
 on a single model thread, so the event loop keeps accepting requests while the model computes and
 the images that arrive meanwhile form the next batch.
 
-The queue is bounded: an image that would make it longer than ``max_queue`` is refused at once
-(``QueueFull``, which the server answers with 503 and ``Retry-After``), so memory stays bounded
-however many clients push. A request that stops waiting (its timeout, a closed connection) leaves
+The queue is bounded: an image that would make it longer than ``max_queue``, or wait longer than
+``max_wait`` at the model's recent speed, is refused at once (``QueueFull``, which the server
+answers with 503 and ``Retry-After``), so memory stays bounded however many clients push, and a
+slow model sheds load with a 503 rather than accepting requests it would answer only after their
+timeout. A request that stops waiting (its timeout, a closed connection) leaves
 its images in the queue marked cancelled; they are dropped when a batch is assembled.
 """
 
@@ -53,18 +55,20 @@ class DynamicBatcher:
         max_batch_size: int,
         max_delay: float,
         max_queue: int,
+        max_wait: float = math.inf,
         on_batch: Callable[[int, float], None] = lambda size, seconds: None,
         on_depth: Callable[[int], None] = lambda queued: None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size, self.max_delay, self.max_queue = max_batch_size, max_delay, max_queue
+        self.max_wait = max_wait
         self.on_batch, self.on_depth = on_batch, on_depth
         # One thread runs the model: batches never compete with each other for the cores.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cvt-model")
         self._items: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._images_per_second = 0.0  # of the last batch, for Retry-After
+        self._images_per_second = 0.0  # recent speed (moving average over batches); 0 before the first
 
     @property
     def queued(self) -> int:
@@ -87,7 +91,7 @@ class DynamicBatcher:
     async def submit(self, pixels: torch.Tensor) -> torch.Tensor:
         """Queue a ``[n, 3, S, S]`` request and wait for its ``[n, ...]`` outputs, in order."""
         n = pixels.shape[0]
-        if self.queued + n > self.max_queue:
+        if self.queued + n > self.max_queue or self.expected_wait(n) > self.max_wait:
             raise QueueFull(self.retry_after())
         loop = asyncio.get_running_loop()
         items = [_Item(image, loop.create_future()) for image in pixels]
@@ -99,6 +103,12 @@ class DynamicBatcher:
         finally:
             for item in items:  # a request that stopped waiting: its images are skipped
                 item.future.cancel()
+
+    def expected_wait(self, n: int = 1) -> float:
+        """Seconds until ``n`` more images would be done, at the recent speed; 0 before any batch ran."""
+        if not self._images_per_second:
+            return 0.0
+        return (self.queued + n) / self._images_per_second
 
     def retry_after(self, n: int = 1) -> int:
         """Whole seconds (at least 1) the model needs for the queue, at the last batch's speed."""
@@ -120,7 +130,9 @@ class DynamicBatcher:
                         item.future.set_exception(exc)
                 continue
             seconds = time.perf_counter() - started
-            self._images_per_second = len(batch) / max(seconds, 1e-6)
+            speed = len(batch) / max(seconds, 1e-6)
+            # Smoothed: one batch slowed by another process must not swing admission either way.
+            self._images_per_second = speed if not self._images_per_second else 0.7 * self._images_per_second + 0.3 * speed
             self.on_batch(len(batch), seconds)
             for item, row in zip(batch, outputs):
                 if not item.future.done():

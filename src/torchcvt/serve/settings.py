@@ -43,6 +43,12 @@ class ServeSettings:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
 
     @property
+    def max_wait_s(self) -> float:
+        """Longest estimated queue wait a new request is accepted with: half its timeout, the other
+        half a margin for decoding and for the model slowing down (another process on the cores)."""
+        return self.timeout_s / 2
+
+    @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
 
