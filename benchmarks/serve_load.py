@@ -76,6 +76,7 @@ async def run_level(url: str, name: str, endpoint: str, image: bytes, concurrenc
         path, body, headers = "/predict", image, {"content-type": "image/jpeg"}
     latencies: list[float] = []
     counts = {"ok": 0, "503": 0, "failed": 0}
+    failures: dict[str, int] = {}  # what the failures were: a status code or an exception's name
     answers: set[str] = set()
     remaining = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -86,8 +87,9 @@ async def run_level(url: str, name: str, endpoint: str, image: bytes, concurrenc
                 started = time.perf_counter()
                 try:
                     response = await client.post(path, content=body, headers=headers)
-                except httpx.HTTPError:
+                except httpx.HTTPError as exc:
                     counts["failed"] += 1
+                    failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
                     continue
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - started)
@@ -97,6 +99,7 @@ async def run_level(url: str, name: str, endpoint: str, image: bytes, concurrenc
                     counts["503"] += 1
                 else:
                     counts["failed"] += 1
+                    failures[str(response.status_code)] = failures.get(str(response.status_code), 0) + 1
 
         load_before = os.getloadavg()[0]
         started = time.perf_counter()
@@ -107,7 +110,7 @@ async def run_level(url: str, name: str, endpoint: str, image: bytes, concurrenc
     return {"concurrency": concurrency, "requests": requests, **counts, "seconds": seconds,
             "throughput": counts["ok"] / seconds, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
             "mean_ms": 1000 * statistics.fmean(latencies) if latencies else float("nan"),
-            "distinct_answers": len(answers), "load_before": load_before, "load_after": os.getloadavg()[0]}
+            "failures": failures, "distinct_answers": len(answers), "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
 def baseline(weights: str, backend: str, image: bytes, requests: int, threads: int | None) -> dict:

@@ -121,3 +121,17 @@ def test_images_that_would_wait_past_max_wait_are_refused():
         return first
 
     assert run(main()).tolist() == [12.0]
+
+
+def test_warm_up_runs_one_batch_and_seeds_the_speed_estimate():
+    async def main():
+        model = Model()
+        batcher = DynamicBatcher(model, max_batch_size=4, max_delay=0.0, max_queue=10)
+        assert batcher.expected_wait(3) == 0.0  # unknown speed: nothing refused for waiting
+        await batcher.warm_up(images(1, 2, 3, 4))
+        wait = batcher.expected_wait(3)
+        batcher.executor.shutdown()
+        return model.sizes, wait
+
+    sizes, wait = run(main())
+    assert sizes == [4] and wait > 0.0

@@ -129,12 +129,15 @@ def create_app(settings: ServeSettings, service: ModelService | None = None) -> 
         state = app.state
         state.service = service or load_service(settings)
         throughput = metrics.Throughput()
-        state.batcher = DynamicBatcher(
+        batcher = DynamicBatcher(
             state.service.forward, max_batch_size=settings.max_batch_size, max_delay=settings.max_delay_ms / 1000,
             max_queue=settings.max_queue, max_wait=settings.max_wait_s, on_batch=lambda n, s: metrics.record_batch(n, s, throughput),
             on_depth=metrics.QUEUE_DEPTH.set,
         )
-        state.batcher.start()
+        size = state.service.image_size
+        await batcher.warm_up(torch.zeros(settings.max_batch_size, 3, size, size))
+        batcher.start()
+        state.batcher = batcher  # ready from here on
 
         async def update_rate() -> None:
             while True:

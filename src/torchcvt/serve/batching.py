@@ -104,6 +104,18 @@ class DynamicBatcher:
             for item in items:  # a request that stopped waiting: its images are skipped
                 item.future.cancel()
 
+    async def warm_up(self, pixels: torch.Tensor) -> None:
+        """Run one batch before serving: the first pass pays one-time costs, and its speed is the
+        estimate ``expected_wait`` starts from (else a burst at start-up is accepted unmeasured)."""
+        started = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, pixels)
+        self._record_speed(pixels.shape[0], time.perf_counter() - started)
+
+    def _record_speed(self, images: int, seconds: float) -> None:
+        speed = images / max(seconds, 1e-6)
+        # Smoothed: one batch slowed by another process must not swing admission either way.
+        self._images_per_second = speed if not self._images_per_second else 0.7 * self._images_per_second + 0.3 * speed
+
     def expected_wait(self, n: int = 1) -> float:
         """Seconds until ``n`` more images would be done, at the recent speed; 0 before any batch ran."""
         if not self._images_per_second:
@@ -130,9 +142,7 @@ class DynamicBatcher:
                         item.future.set_exception(exc)
                 continue
             seconds = time.perf_counter() - started
-            speed = len(batch) / max(seconds, 1e-6)
-            # Smoothed: one batch slowed by another process must not swing admission either way.
-            self._images_per_second = speed if not self._images_per_second else 0.7 * self._images_per_second + 0.3 * speed
+            self._record_speed(len(batch), seconds)
             self.on_batch(len(batch), seconds)
             for item, row in zip(batch, outputs):
                 if not item.future.done():
