@@ -93,7 +93,9 @@ class ServingMiddleware:
         batcher: DynamicBatcher | None = getattr(self.state, "batcher", None)
         if batcher is None:
             return error(503, "the model is not loaded yet", {"Retry-After": "1"})
-        if self.in_flight >= self.settings.max_queue or batcher.expected_wait() > self.settings.max_wait_s:
+        # Requests in flight but not yet queued (still being read or decoded) bring at least one image each.
+        ahead = max(0, self.in_flight - batcher.queued) + 1
+        if self.in_flight >= self.settings.max_queue or batcher.expected_wait(ahead) > self.settings.max_wait_s:
             retry = str(batcher.retry_after())
             return error(503, f"overloaded ({self.in_flight} requests in flight, {batcher.queued} images queued); "
                               f"retry in {retry} s", {"Retry-After": retry})

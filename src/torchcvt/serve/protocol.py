@@ -78,12 +78,18 @@ class ServerReadyResponse(BaseModel):
     ready: bool
 
 
-class RequestInput(BaseModel):
+class InferTensor(BaseModel):
+    """A request's input and a response's output have the same fields in the protocol."""
+
     name: str
     shape: list[int]
     datatype: str
     parameters: Parameters | None = None
     data: list[Any]
+
+
+class RequestInput(InferTensor):
+    pass
 
 
 class RequestOutput(BaseModel):
@@ -98,12 +104,8 @@ class InferenceRequest(BaseModel):
     outputs: list[RequestOutput] | None = None
 
 
-class ResponseOutput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: Parameters | None = None
-    data: list[Any]
+class ResponseOutput(InferTensor):
+    pass
 
 
 class InferenceResponse(BaseModel):
