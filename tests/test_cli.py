@@ -29,6 +29,7 @@ ARGVS = {
     "eval": ["--weights", "w", "--data", "digits", "--format", "json"],
     "bench": [],
     "export": ["--weights", "w", "--format", "onnx", "--output", "o.onnx"],
+    "serve": ["--weights", "w", "--port", "8080", "--max-batch-size", "16", "--threads", "1"],
 }
 
 
