@@ -11,7 +11,7 @@ from torchcvt import backends, machine
 from torchcvt.backends import (AutocastModel, OnnxRuntimeModel, available_backends, optimize_for_inference, resolve_backend,
                                weights_hash)
 from torchcvt.errors import ConfigError
-from torchcvt.machine import CpuInfo, cpu_info, read_record, record_key, update_record
+from torchcvt.machine import cpu_info, read_record, record_key, update_record
 
 pytest.importorskip("onnxruntime")
 
