@@ -84,8 +84,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "serve": Command(
         "serve a model over HTTP: Open Inference Protocol v2, /predict, metrics, an upload page", serve.add_arguments, serve.run,
-        ("cvt serve --weights runs/digits  # http://127.0.0.1:8000/",
-         "cvt serve --weights cvt-13 --host 0.0.0.0 --port 8080 --max-batch-size 8 --threads 1"),
+        ("cvt serve --weights cvt-13  # then open http://127.0.0.1:8000/ (API docs: /docs)",
+         "cvt serve --weights runs/digits --name digits --max-batch-size 16 --max-delay-ms 10",
+         "cvt serve --weights cvt-13 --host 0.0.0.0 --port 8080 --workers 2 --backend onnxruntime"),
     ),
 }
 

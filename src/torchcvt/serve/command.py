@@ -20,24 +20,13 @@ import signal
 import socket
 import tempfile
 
-from ..errors import ConfigError
 from ..backends import add_backend_arguments, log_backend_choice
+from ..errors import ConfigError
 from .model import DEFAULT_MAX_PIXELS, model_name_for
 from .settings import ServeSettings
 
-EXAMPLES = """\
-examples:
-  cvt serve --weights cvt-13                 # then open http://127.0.0.1:8000/ (API docs: /docs)
-  cvt serve --weights runs/digits --name digits --max-batch-size 16 --max-delay-ms 10
-  cvt serve --weights cvt-13 --host 0.0.0.0 --port 8080 --workers 2 --backend onnxruntime
-  curl -F file=@cat.jpg 'http://127.0.0.1:8000/predict?top_k=3'
-  curl http://127.0.0.1:8000/v2/models/cvt-13   # Open Inference Protocol v2 metadata
-"""
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = EXAMPLES
     defaults = ServeSettings(weights="", name="")
     parser.add_argument("--weights", required=True, help="registry name (see `cvt models`) or hub id, checkpoint folder or file")
     parser.add_argument("--name", default=None,
