@@ -1,4 +1,5 @@
-"""Inference backends: ONNX Runtime against eager PyTorch on the same weights, the export cache, threads."""
+"""Inference backends: ONNX Runtime against eager PyTorch and transformers on the same weights, the export
+cache, threads, the "auto" choice and its per-machine record, reduced precision offered or refused by CPU."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import pytest
 import torch
 
 import torchcvt
-from torchcvt import backends
-from torchcvt.backends import OnnxRuntimeModel, available_backends, optimize_for_inference, resolve_backend, weights_hash
+from torchcvt import backends, machine
+from torchcvt.backends import (AutocastModel, OnnxRuntimeModel, available_backends, optimize_for_inference, resolve_backend,
+                               weights_hash)
 from torchcvt.errors import ConfigError
+from torchcvt.machine import cpu_info, read_record, record_key, update_record
 
 pytest.importorskip("onnxruntime")
 
@@ -38,7 +41,9 @@ def _model(image_size: int, seed: int = 0) -> torchcvt.CvT:
 def test_available_backends_and_resolution():
     assert available_backends() == ["eager", "onnxruntime"]
     assert resolve_backend("eager")[0] == "eager" and resolve_backend("onnxruntime")[0] == "onnxruntime"
-    assert resolve_backend("auto")[0] in available_backends()
+    assert resolve_backend("auto")[0] in available_backends() + ["auto"]  # "auto": a measurement decides
+    assert resolve_backend("auto", "cuda") == ("eager", "ONNX Runtime runs on the CPU only, the model is on cuda")
+    assert resolve_backend("auto", "cpu", torch.bfloat16)[0] == "eager"
     with pytest.raises(ConfigError, match="backend must be one of auto, eager, onnxruntime"):
         resolve_backend("tensorrt")
     with pytest.raises(ConfigError, match="runs on the CPU"):
@@ -108,3 +113,189 @@ def test_classifier_backends_agree(cache, tmp_path):
         assert max(abs(a - b) for (_, a), (_, b) in zip(ours, theirs)) < 1e-5
     with pytest.raises(ConfigError, match="float32 only"):
         torchcvt.Classifier(str(directory), device="cpu", dtype="bfloat16", backend="onnxruntime")
+
+
+# ---- parity with transformers through every backend
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime", "auto"])
+def test_backends_match_transformers(cache, reference, backend):
+    theirs, directory = reference("tiny")
+    runner = optimize_for_inference(torchcvt.load_model(directory).eval(), backend)
+    g = torch.Generator().manual_seed(2)
+    for batch, size in [(1, 224), (4, 224), (2, 160)]:
+        x = torch.randn(batch, 3, size, size, generator=g)
+        with torch.no_grad():
+            expected = theirs(x).logits
+            got = runner(x)
+        assert (got - expected).abs().max() < 1e-4
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.slow
+def test_onnxruntime_matches_transformers_cvt13(cache, reference):
+    theirs, directory = reference("cvt-13")
+    runner = optimize_for_inference(torchcvt.load_model(directory).eval(), "onnxruntime")
+    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = theirs(x).logits
+    got = runner(x)
+    assert (got - expected).abs().max() < 1e-4
+    assert torch.equal(got.topk(5).indices, expected.topk(5).indices)
+
+
+# ---- the CPU and the per-machine record
+ZEN3 = "model name\t: AMD EPYC 7R13 Processor\nflags\t\t: fpu sse sse2 avx fma avx2 bmi2 sha_ni vaes\n"
+SAPPHIRE_RAPIDS = ("model name\t: Intel(R) Xeon(R) Platinum 8488C\nflags\t\t: avx2 avx512f avx512_vnni avx_vnni "
+                   "avx512_bf16 amx_bf16 amx_tile amx_int8 avx512_fp16\n")
+
+
+def test_cpu_info_reads_the_flags_that_matter():
+    zen3, spr = cpu_info(ZEN3), cpu_info(SAPPHIRE_RAPIDS)
+    assert zen3.name == "AMD EPYC 7R13 Processor" and zen3.flags == {"avx2"}
+    assert spr.flags == set(machine.KNOWN_FLAGS)  # avx512_fp16 is not one of them
+    assert not zen3.has_any(machine.INT8_FLAGS) and not zen3.has_any(machine.BF16_FLAGS)
+    assert spr.has_any(machine.INT8_FLAGS) and spr.has_any(machine.BF16_FLAGS)
+    assert zen3.flag_summary() == "avx2; no avx512f, avx512_vnni, avx_vnni, avx512_bf16, amx_tile, amx_bf16, amx_int8"
+    # This machine: what /proc/cpuinfo says, restricted to the flags that matter.
+    real = cpu_info()
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return
+    line = next(l for l in text.splitlines() if l.startswith(("flags", "Features")))
+    assert real.flags == set(line.split(":", 1)[1].split()) & set(machine.KNOWN_FLAGS)
+
+
+def _ratios(**by_name):
+    """A stand-in for measure_speedups: fixed speed-ups, and a list of what it was asked to time."""
+    asked = []
+
+    def measure(candidates, reference, image_size, batches=(1, 8)):
+        asked.append(sorted(candidates))
+        return {name: by_name[name] for name in candidates if name != reference}
+
+    return measure, asked
+
+
+def test_auto_measures_once_then_reads_the_record(cache, monkeypatch):
+    model = _model(64)  # the weights test_onnxruntime_matches_eager exported: no new export
+    key, _ = record_key(backends.layout_of(model.config), 1)
+    measure, asked = _ratios(onnxruntime={"1": 1.5, "8": 1.1})
+    monkeypatch.setattr(backends, "measure_speedups", measure)
+    runner = optimize_for_inference(model, threads=1)
+    assert isinstance(runner, OnnxRuntimeModel) and asked == [["eager", "onnxruntime"]]
+    record = read_record(key)
+    assert record["onnxruntime"] == {"1": 1.5, "8": 1.1} and record["cpu"] == cpu_info().name and record["threads"] == 1
+    assert record["load_average"] and record["measured"]
+    # The record decides from now on: eager once it says eager is faster (geometric mean of batch 1 and 8).
+    update_record(key, record, {"onnxruntime": {"1": 1.2, "8": 0.8}})
+    runner = optimize_for_inference(model, threads=1)
+    assert isinstance(runner, torchcvt.CvT) and len(asked) == 1
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (runner(x) - model(x)).abs().max() < 1e-4
+
+
+def test_auto_measurement_times_both_backends(cache):
+    model = _model(64)
+    runner = optimize_for_inference(model, threads=2)  # another record than the test above
+    record = read_record(record_key(backends.layout_of(model.config), 2)[0])
+    assert set(record["onnxruntime"]) == {"1", "8"} and all(r > 0 for r in record["onnxruntime"].values())
+    expected = OnnxRuntimeModel if backends._geometric_mean(record["onnxruntime"]) > 1 else torchcvt.CvT
+    assert isinstance(runner, expected)
+
+
+# ---- reduced precision: offered by CPU flags plus a measurement, refused in one line elsewhere
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_reduced_precision_refused_without_the_instructions(monkeypatch, precision):
+    monkeypatch.setattr(backends, "cpu_info", lambda: cpu_info(ZEN3))
+    monkeypatch.setattr(backends, "OnnxRuntimeModel", None)  # refused before any export
+    with pytest.raises(ConfigError) as error:
+        optimize_for_inference(_model(64), precision=precision)
+    needs = "avx512_vnni/avx_vnni/amx_int8" if precision == "int8" else "avx512_bf16/amx_bf16"
+    message = str(error.value)
+    assert message.startswith(f"{precision} is slower than float32 on this CPU (AMD EPYC 7R13 Processor, no {needs}): ")
+    assert message.endswith("; use --precision float32") and "\n" not in message
+    assert backends.MEASURED_WITHOUT_FLAGS[precision] in message
+
+
+def test_reduced_precision_offered_where_it_measures_faster(cache, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_info", lambda: cpu_info(SAPPHIRE_RAPIDS))
+    model = _model(64)
+    measure, asked = _ratios(int8={"1": 1.6, "8": 1.3}, bfloat16={"1": 0.9, "8": 1.4})
+    monkeypatch.setattr(backends, "measure_speedups", measure)
+    int8 = optimize_for_inference(model, precision="int8", threads=1)
+    assert isinstance(int8, OnnxRuntimeModel) and int8.precision == "int8" and int8.path.name.endswith("-int8.onnx")
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fp32 = model(x)
+    assert (int8(x) - fp32).abs().max() < 0.1 * fp32.abs().max()  # int8 weights: close, not equal
+    with pytest.raises(ConfigError, match=r"^bfloat16 is slower than float32 on this CPU .*: 0.90x at batch 1, 1.40x at batch 8"):
+        optimize_for_inference(model, precision="bfloat16", threads=1)
+    assert asked == [["float32", "int8"], ["bfloat16", "float32"]]
+    optimize_for_inference(model, precision="int8", threads=1)  # read from the record: not timed again
+    assert len(asked) == 2
+    with pytest.raises(ConfigError, match="int8 runs on the onnxruntime backend"):
+        optimize_for_inference(model, "eager", precision="int8")
+
+
+def test_bfloat16_autocast_runner_is_close_to_float32():
+    model = _model(64)
+    runner = AutocastModel(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fp32 = model(x)
+    out = runner(x)
+    assert out.dtype == torch.float32 and (out - fp32).abs().max() < 0.05 * fp32.abs().max()
+
+
+def test_cli_refuses_reduced_precision_in_one_line(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from torchcvt.cli import main
+
+    monkeypatch.setattr(backends, "cpu_info", lambda: cpu_info(ZEN3))
+    monkeypatch.setattr(backends, "OnnxRuntimeModel", None)  # refused before any export
+    directory = torchcvt.save_pretrained(_model(64), tmp_path / "ckpt")
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "a.png"), "--weights", str(directory), "--device", "cpu", "--precision", "int8"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: int8 is slower than float32 on this CPU (AMD EPYC 7R13 Processor, no avx512_vnni/avx_vnni/amx_int8): "
+                   f"{backends.MEASURED_WITHOUT_FLAGS['int8']}; use --precision float32"]
+
+
+def test_evaluate_takes_any_runner(cache, tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from torchcvt.evaluate import evaluate
+
+    model = _model(64)
+    g = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.randn(10, 3, 64, 64, generator=g), torch.randint(0, 7, (10,), generator=g))
+    loader = DataLoader(data, batch_size=4)
+    ours = evaluate(model, loader)
+    theirs = evaluate(optimize_for_inference(model, "onnxruntime", threads=1), loader, num_classes=7)
+    assert torch.equal(ours.confusion, theirs.confusion) and theirs.loss == pytest.approx(ours.loss, abs=1e-5)
+    with pytest.raises(ConfigError, match="num_classes"):
+        evaluate(lambda x: model(x), loader)
+
+
+def test_bench_has_onnxruntime_rows_and_the_cpu(cache):
+    from torchcvt.bench import run_benchmark
+
+    config = torchcvt.CvTConfig(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 2, 3), num_classes=7, image_size=64)
+    threads = torch.get_num_threads()
+    try:
+        report = run_benchmark(config, batches=(1,), train_batch=0, repeats=1, memory=False, matmul_size=128, threads=1,
+                               backends=True, precisions=("int8",))
+    finally:
+        torch.set_num_threads(threads)
+    models = [r.model for r in report.rows]
+    assert models == ["transformers", "torchcvt plain", "torchcvt", "torchcvt optimized", "onnxruntime", "default (auto)",
+                      "onnxruntime int8"]
+    assert report.diffs["onnxruntime"] < 1e-4 and report.diffs["default (auto)"] < 1e-4
+    assert report.attainable == max(report.matmul.values())
+    onnx = next(r for r in report.rows if r.model == "onnxruntime")
+    assert onnx.vs_onnxruntime == 1.0  # the reference of its own column
+    table = report.table()
+    assert f"CPU: {cpu_info().describe()}" in table and "attainable (the faster)" in table
+    assert "default optimize_for_inference(model): backend auto -> " in table

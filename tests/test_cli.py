@@ -32,6 +32,7 @@ ARGVS = {
     "bench": [],
     "export": ["--weights", "w", "--format", "onnx", "--output", "o.onnx"],
     "push": ["runs/x", "me/x", "--private", "--include-checkpoints"],
+    "serve": ["--weights", "w", "--port", "8080", "--max-batch-size", "16", "--threads", "1"],
 }
 
 

@@ -305,7 +305,7 @@ def test_files_follow_the_umask_and_keep_the_mode_they_had(tmp_path):
     assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640  # 0666 minus the umask, as open() gives
     assert (tmp_path / "kept.json").stat().st_mode & 0o777 == 0o604
     assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ckpt").iterdir()} == {
-        "config.json": 0o640, "model.safetensors": 0o640, "preprocessor_config.json": 0o640}
+        "config.json": 0o640, "model.safetensors": 0o640, "preprocessor_config.json": 0o640, "README.md": 0o640}
 
 
 def test_output_errors_from_the_api(tmp_path):

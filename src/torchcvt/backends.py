@@ -1,6 +1,6 @@
 """Inference backends behind one call: a CvT in, a callable from pixels to logits out.
 
-    runner = torchcvt.optimize_for_inference(model, backend="onnxruntime")
+    runner = torchcvt.optimize_for_inference(model)   # backend="auto": the fastest measured here
     logits = runner(pixels)   # normalised float32 [B, 3, H, W] -> [B, num_classes]
 
 * ``"eager"``: PyTorch, with the fast path's inference fusions (``fastpath.fuse_for_inference``:
@@ -8,34 +8,57 @@
   works on it too.
 * ``"onnxruntime"``: the model is exported once to ONNX (``export.export_onnx``) and run by ONNX
   Runtime's CPU provider. The file is cached per weights, under a content hash of the config and every
-  tensor (``cache_dir()``: ``$TORCHCVT_CACHE``, else ``$XDG_CACHE_HOME/torchcvt``, else
-  ``~/.cache/torchcvt``), so the export cost (seconds for CvT-13) is paid by the first call for those
-  weights only. Intra-op threads follow ``torch.get_num_threads()``; spinning is off, so ONNX Runtime's
-  idle threads do not steal the CPU from torch or from other work in the same process.
-* ``"auto"``: the fastest backend available for this machine (``resolve_backend`` says which and why).
+  tensor (``cache_dir() / "onnx"``), so the export cost (20-60 s for CvT-13 on 2 cores) is paid by the
+  first call for those weights only. Intra-op threads follow ``torch.get_num_threads()``; spinning is
+  off, so ONNX Runtime's idle threads do not steal the CPU from torch or from other work in the process.
+* ``"auto"`` (the default): eager where ONNX Runtime cannot run (not installed, not the CPU, not
+  float32); otherwise the backend measured faster on this machine for this layout. The first call per
+  (CPU, software versions, threads, layout) times both alternately at batch 1 and 8 (seconds, after
+  the export) and stores the result in ``cache_dir() / "measurements.json"`` (``machine.py``); later
+  calls read it. One log line says which backend and why.
 
-``available_backends()`` lists what this installation can run.
+``precision``: ``"float32"`` (default), ``"int8"`` (ONNX Runtime's dynamic quantization: int8
+weights, activations quantized per call) or ``"bfloat16"`` (eager under CPU autocast). Reduced
+precision is offered only where it is faster: the CPU must have the instructions for it
+(``machine.INT8_FLAGS``, ``machine.BF16_FLAGS``) and a measurement on this machine must show it
+faster than float32 at batch 1 and 8; elsewhere a one-line ``ConfigError`` says why, with the figure.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .config import CvTConfig
 from .errors import ConfigError
 from .export import export_onnx, min_dynamic_side
 from .fastpath import fuse_for_inference
+from .fileio import atomic_save
+from .machine import (BF16_FLAGS, INT8_FLAGS, cache_dir, cpu_info, measurements_path, median_ratio, read_record,
+                      record_key, time_alternating, update_record)
 from .model import CvT
 from .version import __version__
 
 logger = logging.getLogger("torchcvt")
 
 BACKENDS = ("auto", "eager", "onnxruntime")
+PRECISIONS = ("float32", "bfloat16", "int8")
+MEASURED_BATCHES = (1, 8)
+
+# What reduced precision measured on a CPU without the instructions for it (docs/performance.md, `cvt bench`):
+# quoted when such a CPU asks for it and nothing was measured on the machine itself.
+MEASURED_WITHOUT_FLAGS = {
+    "int8": "0.75x at batch 1 and 0.74x at batch 8 (ONNX Runtime dynamic int8 against its float32) on an AVX2 AMD EPYC Zen 3",
+    "bfloat16": "0.19x at batch 1 and 0.17x at batch 8 (CPU autocast against float32) on an AVX2 AMD EPYC Zen 3",
+}
+NEEDS = {"int8": INT8_FLAGS, "bfloat16": BF16_FLAGS}
 
 
 def _onnxruntime_installed() -> bool:
@@ -51,27 +74,37 @@ def available_backends() -> list[str]:
     return ["eager"] + (["onnxruntime"] if _onnxruntime_installed() else [])
 
 
-def resolve_backend(backend: str, device: torch.device | str = "cpu") -> tuple[str, str]:
-    """``(concrete backend, reason)`` for a requested backend on a device; a one-line error if impossible."""
+def _check_choice(backend: str, precision: str = "float32") -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """``(backend, reason)`` decidable without measuring; ``"auto"`` stays ``"auto"`` where a measurement decides.
+
+    A one-line ConfigError for a backend that cannot run here.
+    """
+    _check_choice(backend)
     device = torch.device(device)
+    if backend == "eager":
+        return backend, "asked for"
     if backend == "onnxruntime":
         if not _onnxruntime_installed():
             raise ConfigError("backend 'onnxruntime' needs onnxruntime: pip install 'torchcvt[export]'")
         if device.type != "cpu":
             raise ConfigError(f"backend 'onnxruntime' runs on the CPU; got device {device}")
+        if dtype != torch.float32:
+            raise ConfigError(f"backend 'onnxruntime' runs float32 only, got dtype {str(dtype).removeprefix('torch.')}")
         return backend, "asked for"
-    if backend == "eager":
-        return backend, "asked for"
-    return "eager", "the default until a faster backend is measured for this CPU"
-
-
-def cache_dir() -> Path:
-    """Where exported files are cached (``$TORCHCVT_CACHE``, ``$XDG_CACHE_HOME/torchcvt``, ``~/.cache/torchcvt``)."""
-    if os.environ.get("TORCHCVT_CACHE"):
-        return Path(os.environ["TORCHCVT_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "torchcvt"
+    if not _onnxruntime_installed():
+        return "eager", "onnxruntime is not installed"
+    if device.type != "cpu":
+        return "eager", f"ONNX Runtime runs on the CPU only, the model is on {device}"
+    if dtype != torch.float32:
+        return "eager", f"ONNX Runtime runs float32 only, the model is {str(dtype).removeprefix('torch.')}"
+    return "auto", "measured on this machine"
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -84,19 +117,33 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _quantize_int8(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantization of ``source`` (weights int8, activations quantized per call)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logger.info("quantizing the ONNX file to int8 once for these weights: %s", target)
+    atomic_save(lambda tmp: quantize_dynamic(source, tmp, weight_type=QuantType.QInt8), target)
+
+
 class OnnxRuntimeModel:
     """A CvT exported to ONNX and run by ONNX Runtime: ``runner(pixels) -> logits`` (torch tensors).
 
     The export has a free batch size; height and width are free too where the layout allows it at
     the model's size (``export.min_dynamic_side``), else one file per input size is exported on demand.
+    ``precision="int8"``: the exported file quantized by ONNX Runtime (dynamic int8), cached beside it.
+    Built directly it does not check whether int8 pays off; ``optimize_for_inference`` does.
     """
 
     backend = "onnxruntime"
 
-    def __init__(self, model: CvT, *, threads: int | None = None, directory: str | os.PathLike | None = None) -> None:
+    def __init__(self, model: CvT, *, threads: int | None = None, directory: str | os.PathLike | None = None,
+                 precision: str = "float32") -> None:
         import onnxruntime
 
+        if precision not in ("float32", "int8"):
+            raise ConfigError(f"backend 'onnxruntime' runs float32 or int8, got precision {precision!r}")
         self.config = model.config
+        self.precision = precision
         self._model = model.eval()
         self._threads = threads or torch.get_num_threads()
         self._directory = Path(directory) if directory is not None else cache_dir() / "onnx"
@@ -120,6 +167,10 @@ class OnnxRuntimeModel:
             else:
                 self.config.feature_sizes(height, width)  # a one-line error for an input too small
                 export_onnx(self._model, path, image_size=(height, width), dynamic="batch")
+        if self.precision == "int8":
+            source, path = path, path.with_name(path.stem + "-int8.onnx")
+            if not path.is_file():
+                _quantize_int8(source, path)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = self._threads
         options.inter_op_num_threads = 1
@@ -138,32 +189,186 @@ class OnnxRuntimeModel:
         return torch.from_numpy(session.run(["logits"], {"pixel_values": x})[0])
 
     def __repr__(self) -> str:
-        return f"OnnxRuntimeModel({getattr(self, 'path', '?')}, threads={self._threads})"
+        return f"OnnxRuntimeModel({getattr(self, 'path', '?')}, threads={self._threads}, precision={self.precision})"
 
 
-def optimize_for_inference(model: CvT, backend: str = "eager", **options) -> Callable[[torch.Tensor], torch.Tensor]:
+class AutocastModel:
+    """``model`` run under CPU autocast (bfloat16 matrix products and convolutions); float32 logits out."""
+
+    backend = "eager"
+
+    def __init__(self, model: CvT, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.model, self.dtype, self.config = model, dtype, model.config
+        self.precision = str(dtype).removeprefix("torch.")
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=self.dtype):
+            return self.model(pixels).float()
+
+    def __repr__(self) -> str:
+        return f"AutocastModel({type(self.model).__name__}, dtype={self.precision})"
+
+
+# ------------------------------------------------------------------------ measuring on this machine
+def layout_of(config: CvTConfig) -> dict:
+    """The fields of a config that decide its speed (not its weights or label names), for measurement records."""
+    fields = ("num_channels", "patch_sizes", "patch_stride", "embed_dim", "num_heads", "depth", "mlp_ratio", "cls_token",
+              "qkv_projection_method", "kernel_qkv", "stride_kv", "stride_q", "num_classes", "image_size", "hidden_act")
+    return {f: list(v) if isinstance(v := getattr(config, f), tuple) else v for f in fields}
+
+
+def measure_speedups(candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]], reference: str, image_size: int,
+                     batches: tuple[int, ...] = MEASURED_BATCHES) -> dict[str, dict[str, float]]:
+    """``{name: {batch: speed-up over reference}}``, timed alternately (8 rounds at batch 1, 3 above) on random pixels."""
+    result: dict[str, dict[str, float]] = {name: {} for name in candidates if name != reference}
+    for batch in batches:
+        x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(batch))
+        with torch.inference_mode():
+            times = time_alternating({k: (lambda f=f: f(x)) for k, f in candidates.items()}, repeats=8 if batch == 1 else 3)
+        for name in result:
+            result[name][str(batch)] = round(median_ratio(times[reference], times[name]), 3)
+    return result
+
+
+def _speeds(ratios: dict[str, float]) -> str:
+    return ", ".join(f"{r:.2f}x at batch {b}" for b, r in ratios.items())
+
+
+def _geometric_mean(ratios: dict[str, float]) -> float:
+    return math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+
+
+def _auto(model: CvT, threads: int, options: dict) -> tuple[Callable, str]:
+    """The faster of eager and ONNX Runtime for this layout here (measured once, then read from the record)."""
+    key, description = record_key(layout_of(model.config), threads)
+    record = read_record(key) or {}
+    eager = None
+    if "onnxruntime" not in record:
+        logger.info("backend auto: timing eager against onnxruntime once for this CPU and layout (export, then ~10 s)")
+        eager, ort = fuse_for_inference(model), OnnxRuntimeModel(model, threads=threads, **options)
+        record = {"onnxruntime": measure_speedups({"eager": eager, "onnxruntime": ort}, "eager", model.config.image_size)["onnxruntime"]}
+        update_record(key, description, record)
+    ratios = record["onnxruntime"]
+    # ONNX Runtime when it is faster on the geometric mean of batch 1 and 8; eager on a tie (it needs no export).
+    name = "onnxruntime" if _geometric_mean(ratios) > 1.0 else "eager"
+    reason = (f"onnxruntime ran {_speeds(ratios)} against eager on {cpu_info().name} with {threads} threads, "
+              f"measured {record.get('measured', 'now')} ({measurements_path()})")
+    if name == "onnxruntime":
+        runner = ort if eager is not None else OnnxRuntimeModel(model, threads=threads, **options)
+    else:
+        runner = eager if eager is not None else fuse_for_inference(model)
+    return runner, reason
+
+
+def _reduced(model: CvT, backend: str, precision: str, threads: int, options: dict) -> Callable:
+    """The ``precision`` runner where this CPU has the instructions and it measured faster; else a ConfigError."""
+    cpu = cpu_info()
+    needs = NEEDS[precision]
+    if not cpu.has_any(needs):
+        raise ConfigError(f"{precision} is slower than float32 on this CPU ({cpu.name}, no {'/'.join(needs)}): "
+                          f"{MEASURED_WITHOUT_FLAGS[precision]}; use --precision float32")
+    key, description = record_key(layout_of(model.config), threads)
+    record = read_record(key) or {}
+    if precision == "int8":
+        reduced = OnnxRuntimeModel(model, threads=threads, precision="int8", **options)
+    else:
+        reduced = AutocastModel(fuse_for_inference(model), torch.bfloat16)
+    if precision not in record:
+        logger.info("%s: timing it against float32 once for this CPU and layout", precision)
+        fp32 = OnnxRuntimeModel(model, threads=threads, **options) if precision == "int8" else reduced.model
+        record[precision] = measure_speedups({"float32": fp32, precision: reduced}, "float32", model.config.image_size)[precision]
+        update_record(key, description, {precision: record[precision]})
+    if min(record[precision].values()) <= 1.0:
+        raise ConfigError(f"{precision} is slower than float32 on this CPU ({cpu.name}): {_speeds(record[precision])} "
+                          f"measured {record.get('measured', 'now')}; use --precision float32")
+    logger.info("precision %s on %s: %s float32 (%s)", precision, backend, _speeds(record[precision]), measurements_path())
+    return reduced
+
+
+def optimize_for_inference(model: CvT, backend: str = "auto", *, precision: str = "float32",
+                           **options) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable from normalised ``[B, C, H, W]`` float pixels to logits, on the chosen backend.
 
     ``"eager"``: a fused CvT copy (``fastpath.fuse_for_inference``), same logits within 1e-4.
     ``"onnxruntime"``: an ``OnnxRuntimeModel`` (options: ``threads``, ``directory``), same top-k.
-    ``"auto"``: ``resolve_backend`` picks; a log line says which.
+    ``"auto"``: measured once per machine and layout (module docstring); a log line says which.
+    ``precision``: ``"float32"``, or ``"int8"`` / ``"bfloat16"`` where they measure faster (else a ConfigError).
     """
     if not isinstance(model, CvT):
         raise TypeError(f"optimize_for_inference expects a torchcvt CvT, got {type(model).__name__}")
-    device = next(model.parameters()).device
-    name, reason = resolve_backend(backend, device)
+    _check_choice(backend, precision)
+    if backend == "eager" and options:
+        raise ConfigError(f"backend 'eager' takes no options, got {sorted(options)}")
+    param = next(model.parameters())
+    if precision == "int8":
+        backend = "onnxruntime" if backend == "auto" else backend
+        if backend != "onnxruntime":
+            raise ConfigError("precision int8 runs on the onnxruntime backend (ONNX Runtime's dynamic quantization)")
+    elif precision == "bfloat16":
+        backend = "eager" if backend == "auto" else backend
+        if backend != "eager":
+            raise ConfigError("precision bfloat16 runs on the eager backend (PyTorch's CPU autocast)")
+    name, reason = resolve_backend(backend, param.device, param.dtype)
+    threads = options.pop("threads", None) or torch.get_num_threads()
+    if precision != "float32":
+        if param.device.type != "cpu" or param.dtype != torch.float32:
+            raise ConfigError(f"precision {precision} converts a float32 CPU model, got {param.dtype} on {param.device}")
+        return _reduced(model, name, precision, threads, options)
+    if name == "auto":
+        runner, reason = _auto(model, threads, options)
+        name = backend_of(runner)
+    else:
+        runner = OnnxRuntimeModel(model, threads=threads, **options) if name == "onnxruntime" else fuse_for_inference(model)
     if backend == "auto":
         logger.info("backend auto: %s (%s)", name, reason)
-    if name == "onnxruntime":
-        return OnnxRuntimeModel(model, **options)
-    if options:
-        raise ConfigError(f"backend 'eager' takes no options, got {sorted(options)}")
-    return fuse_for_inference(model)
+    return runner
 
 
 def describe_backend(runner: Callable) -> str:
     """A short description for logs: the backend name and, for ONNX Runtime, the cached file."""
     if isinstance(runner, OnnxRuntimeModel):
-        return f"onnxruntime ({getattr(runner, 'path', 'not exported yet')})"
+        return f"onnxruntime ({getattr(runner, 'path', 'not exported yet')}, {runner.precision})"
+    if isinstance(runner, AutocastModel):
+        return f"eager ({runner.precision} autocast)"
     return "eager"
 
+
+def backend_of(runner: Callable) -> str:
+    """The concrete backend a runner from ``optimize_for_inference`` runs on."""
+    return "onnxruntime" if isinstance(runner, OnnxRuntimeModel) else "eager"
+
+
+def inference_runner(model: CvT, backend: str | None = None, precision: str = "float32") -> Callable[[torch.Tensor], torch.Tensor]:
+    """What ``Classifier``, ``cvt predict`` and ``cvt eval`` run: the model itself where that is the eager
+    float32 backend (no copy), else ``optimize_for_inference(model, backend, precision=precision)``.
+
+    ``backend=None``: the backend the precision runs on (eager; onnxruntime for int8).
+    """
+    backend = backend or ("onnxruntime" if precision == "int8" else "eager")
+    param = next(model.parameters())
+    if precision == "float32" and resolve_backend(backend, param.device, param.dtype)[0] == "eager":
+        return model
+    return optimize_for_inference(model, backend, precision=precision)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--precision``, shared by the commands that classify (predict, eval)."""
+    parser.add_argument("--backend", default=None, choices=BACKENDS,
+                        help="inference backend: eager (PyTorch; the default, it starts at once), onnxruntime (exported "
+                             "once per weights and cached; CPU, float32/int8; the default for --precision int8) or auto "
+                             "(the faster of the two on this machine, measured once per CPU and layout)")
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="float32 (default); int8 (onnxruntime) or bfloat16 (eager) only on CPUs where they measure "
+                             "faster (with avx512_vnni/avx_vnni/amx_int8, avx512_bf16/amx_bf16); elsewhere the command "
+                             "says why and stops")
+
+
+def log_backend_choice(args: argparse.Namespace) -> None:
+    """Show torchcvt's log lines on stderr (which backend "auto" chose and why, the export) when one may print."""
+    if args.backend not in (None, "eager") or args.precision != "float32":
+        if not logger.handlers and not logging.getLogger().handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

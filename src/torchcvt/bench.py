@@ -10,9 +10,14 @@ Method (also in docs/performance.md):
   ratios (transformers' time / ours): on a shared machine neighbouring runs see the same load,
   so the ratio is far steadier than either time.
 * Throughput: GFLOP/s = 2 x MACs (``torchcvt.summary``: matrix products, convolutions, attention)
-  x batch / time; a training step counts 3x the forward FLOPs. "% mm" and "% oneDNN" relate it
-  to the fp32 GEMM rates measured here on 2048^3 products: ``torch.mm`` (MKL, what ``nn.Linear``
-  uses by default) and oneDNN (what torchcvt's linears use on CPU with the fast path).
+  x batch / time; a training step counts 3x the forward FLOPs. "% attain" relates it to the
+  attainable fp32 GEMM rate: the faster of ``torch.mm`` (MKL, what ``nn.Linear`` uses by default)
+  and oneDNN (what torchcvt's linears use with the fast path) on 2048^3 products, both timed in the
+  same alternating rounds as the models (median over rounds of the per-round fraction).
+* Backends (``cvt bench``; ``run_benchmark(backends=True)``): ONNX Runtime on the exported file
+  (float32; int8 where the CPU's flags offer it, or as ``--precisions`` asks), and the default
+  ``optimize_for_inference(model)`` (backend ``"auto"``); "vs onnxruntime" is the median of per-round
+  ratios against ONNX Runtime float32. The header names the CPU and its flags.
 * Models: "torchcvt" is the model ``create_model`` returns (the fast path applied, fastpath.py),
   "torchcvt plain" the reference model without it (``CvT(...)``: ``nn.Linear`` on MKL), so the
   fast path's own gain shows; "torchcvt optimized" is ``optimize_for_inference``.
@@ -29,12 +34,10 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,54 +48,40 @@ import torch.nn.functional as F
 from .config import CvTConfig
 from .errors import ConfigError, TorchCvTError
 from .fastpath import apply_fast_path, onednn_available, onednn_linear, fuse_for_inference, remove_fast_path
+from .backends import NEEDS, PRECISIONS, AutocastModel, OnnxRuntimeModel, available_backends, describe_backend, optimize_for_inference
+from .machine import cpu_info, load_average, median_ratio, onnxruntime_version, time_alternating
+from .model import CvT
 
 TOLERANCE = 1e-4
 
 
 # ------------------------------------------------------------------------------------ timing
-def time_alternating(candidates: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, ``repeats`` rounds after ``warmup`` untimed ones.
-
-    Each round runs every candidate once; the order rotates by one each round so no candidate
-    always follows the same one (caches, CPU frequency and neighbours' load affect all alike).
-    """
-    names = list(candidates)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(warmup + repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            candidates[name]()
-            elapsed = time.perf_counter() - start
-            if r >= warmup:
-                times[name].append(elapsed)
-    return times
-
-
-def median_ratio(reference: list[float], other: list[float]) -> float:
-    """Median over rounds of ``reference / other``: how many times faster ``other`` is."""
-    return statistics.median(a / b for a, b in zip(reference, other))
-
-
-def matmul_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """fp32 GEMM rate in GFLOP/s of ``torch.mm`` (MKL on x86) and of oneDNN, timed alternately."""
+def gemm_candidates(n: int = 2048) -> dict[str, Callable[[], object]]:
+    """fp32 ``n``^3 matrix products on ``torch.mm`` (MKL on x86) and oneDNN, to time beside the models."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     candidates: dict[str, Callable[[], object]] = {"torch.mm": lambda: torch.mm(a, b)}
     if onednn_available():
         candidates["oneDNN"] = lambda: onednn_linear(a, b)  # a @ b^T: the same FLOPs
+    return candidates
+
+
+def matmul_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """fp32 GEMM rate in GFLOP/s of ``torch.mm`` (MKL on x86) and of oneDNN, timed alternately."""
     with torch.inference_mode():
-        times = time_alternating(candidates, repeats=repeats, warmup=1)
+        times = time_alternating(gemm_candidates(n), repeats=repeats, warmup=1)
     return {k: 2 * n**3 / statistics.median(v) / 1e9 for k, v in times.items()}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def attainable_fraction(times: list[float], gflop: float, gemm_times: dict[str, list[float]], n: int) -> float:
+    """Median over rounds of (this call's GFLOP/s) / (the faster GEMM's GFLOP/s in the same round).
+
+    The GEMMs run in the same alternating rounds as the models, so on a shared machine the rate a
+    model reaches is compared with what the machine attained at that moment, not minutes earlier.
+    """
+    gemm_gflop = 2 * n**3 / 1e9
+    return statistics.median(
+        (gflop / t) / max(gemm_gflop / g[r] for g in gemm_times.values()) for r, t in enumerate(times)
+    )
 
 
 # ----------------------------------------------------------------------------- the two models
@@ -108,7 +97,6 @@ def reference_pair(name: str | CvTConfig, directory: str | os.PathLike, seed: in
     except ImportError:
         raise TorchCvTError("cvt bench compares against transformers: pip install transformers") from None
     from .checkpoint import save_pretrained
-    from .model import CvT
     from .pretrained import preset_config
 
     config = preset_config(name, hidden_act="gelu") if isinstance(name, str) else name.replace(hidden_act="gelu")
@@ -236,6 +224,8 @@ class Row:
     gflop: float  # GFLOP per call
     speedup: float | None = None  # transformers' time / this time, median over rounds
     peak_mib: float | None = None
+    vs_onnxruntime: float | None = None  # ONNX Runtime's (float32) time / this time, median over rounds
+    attainable: float | None = None  # fraction of the attainable GEMM rate, timed in the same rounds
 
     @property
     def median(self) -> float:
@@ -251,41 +241,72 @@ class Report:
     diffs: dict[str, float]
     rows: list[Row] = field(default_factory=list)
     matmul_size: int = 2048
-    load: list[str] = field(default_factory=lambda: [_load_average(), "?"])  # 1/5/15-minute load: other work on the machine
+    load: list[str] = field(default_factory=lambda: [load_average(), "?"])  # 1/5/15-minute load: other work on the machine
+    notes: list[str] = field(default_factory=list)  # the default backend, reduced precision offered or not, their accuracy
+
+    @property
+    def attainable(self) -> float:
+        """The attainable fp32 GEMM rate: the faster of MKL (torch.mm) and oneDNN."""
+        return max(self.matmul.values())
 
     def table(self) -> str:
-        mm, dnnl = self.matmul.get("torch.mm"), self.matmul.get("oneDNN")
         rates = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in self.matmul.items())
         lines = [
-            f"{self.name} at {self.image_size}x{self.image_size}, fp32, threads: {self.threads}, torch {torch.__version__}, "
-            f"CPU: {cpu_name()} ({os.cpu_count()} logical cores), load average at start/end: {self.load[0]} / {self.load[1]}",
-            f"fp32 matmul rate ({self.matmul_size}^3, alternated): {rates}",
+            f"{self.name} at {self.image_size}x{self.image_size}, threads: {self.threads}, torch {torch.__version__}"
+            + (f", onnxruntime {v}" if (v := onnxruntime_version()) else "")
+            + f", load average at start/end: {self.load[0]} / {self.load[1]}",
+            f"CPU: {cpu_info().describe()}",
+            f"fp32 matmul rate ({self.matmul_size}^3, alternated): {rates}; attainable (the faster): {self.attainable:.0f} GFLOP/s",
             "max |logits - transformers|: " + ", ".join(f"{k} {v:.1e}" for k, v in self.diffs.items()),
+            *self.notes,
         ]
         columns = [("case", 10), ("batch", 5), ("model", 26), ("median ms", 9), ("img/s", 7), ("GFLOP/s", 7),
-                   ("% mm", 5), ("% oneDNN", 8), ("speedup", 7), ("peak MiB", 8)]
+                   ("% attain", 8), ("vs transformers", 15), ("vs onnxruntime", 14), ("peak MiB", 8)]
         lines += ["", "| " + " | ".join(f"{c:<{w}}" for c, w in columns) + " |",
                   "|" + "|".join("-" * (w + 2) for _, w in columns) + "|"]
         for r in self.rows:
             gflops = r.gflop / r.median
             cells = [
                 r.case, str(r.batch), r.model, f"{r.median * 1e3:.1f}", f"{r.batch / r.median:.1f}", f"{gflops:.0f}",
-                f"{100 * gflops / mm:.0f}%" if mm else "-", f"{100 * gflops / dnnl:.0f}%" if dnnl else "-",
-                f"{r.speedup:.2f}x" if r.speedup is not None else "1.00x",
+                f"{100 * (r.attainable if r.attainable is not None else gflops / self.attainable):.0f}%", f"{r.speedup:.2f}x" if r.speedup is not None else "1.00x",
+                f"{r.vs_onnxruntime:.2f}x" if r.vs_onnxruntime is not None else "-",
                 f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-",
             ]
             lines.append("| " + " | ".join(f"{c:<{w}}" if i < 3 else f"{c:>{w}}" for i, (c, (_, w)) in enumerate(zip(cells, columns))) + " |")
         return "\n".join(lines)
 
 
-def _load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 _MEMORY_KINDS = {"transformers": "transformers", "torchcvt plain": "plain", "torchcvt": "torchcvt", "torchcvt optimized": "optimized"}
+ORT = "onnxruntime"
+
+
+def _backend_candidates(ours: CvT, optimized: CvT, precisions: tuple[str, ...], log: Callable[[str], None]) -> tuple[dict[str, Callable], list[str]]:
+    """ONNX Runtime (fp32), the default ``optimize_for_inference(model)`` and the reduced-precision runners.
+
+    Returns the candidates and notes for the table's header (which backend "auto" chose, which
+    reduced precisions this CPU's flags offer).
+    """
+    cpu = cpu_info()
+    candidates: dict[str, Callable] = {}
+    notes = []
+    if ORT in available_backends():
+        log("exporting to ONNX (cached per weights)")
+        candidates[ORT] = OnnxRuntimeModel(ours)
+    default = optimize_for_inference(ours)  # backend "auto"
+    candidates["default (auto)"] = default
+    notes.append(f"default optimize_for_inference(model): backend auto -> {describe_backend(default)}")
+    for precision in ("int8", "bfloat16"):
+        offered = cpu.has_any(NEEDS[precision])
+        if not offered:
+            notes.append(f"{precision}: not offered on this CPU (no {'/'.join(NEEDS[precision])})"
+                         + ("; measured anyway below" if precision in precisions else ""))
+        if precision not in precisions or (precision == "int8" and ORT not in candidates):
+            continue
+        if precision == "int8":
+            candidates[f"{ORT} int8"] = OnnxRuntimeModel(ours, precision="int8")
+        else:
+            candidates["eager bfloat16"] = AutocastModel(optimized, torch.bfloat16)
+    return candidates, notes
 
 
 def run_benchmark(
@@ -297,12 +318,16 @@ def run_benchmark(
     threads: int | None = None,
     memory: bool = True,
     matmul_size: int = 2048,
+    backends: bool = False,
+    precisions: tuple[str, ...] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> Report:
-    """Time transformers, torchcvt (eval, plain and with the fast path) and ``optimize_for_inference`` on the same weights.
+    """Time transformers, torchcvt (eval, plain and with the fast path), ``optimize_for_inference`` and ONNX Runtime on the same weights.
 
     ``name``: a preset or a CvTConfig that transformers can build. The memory subprocesses read the
-    weights from a temporary directory, so they work for any layout.
+    weights from a temporary directory, so they work for any layout. ``backends``: also ONNX Runtime
+    and the default (``"auto"``) backend (``cvt bench`` turns it on; it exports the model once). ``precisions``: the reduced precisions to time (``"int8"``,
+    ``"bfloat16"``); default those this CPU's flags offer.
     """
     from .pretrained import describe
     from .summary import summary
@@ -310,35 +335,47 @@ def run_benchmark(
     if threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
+    if precisions is None:
+        precisions = tuple(p for p in ("int8", "bfloat16") if cpu_info().has_any(NEEDS[p]))
     with tempfile.TemporaryDirectory(prefix="cvt-bench-") as directory:
         theirs, plain = reference_pair(name, directory)
         ours = apply_fast_path(copy.deepcopy(plain))
         size = ours.config.image_size
-        models: dict[str, torch.nn.Module] = {
-            "transformers": theirs, "torchcvt plain": plain, "torchcvt": ours, "torchcvt optimized": fuse_for_inference(ours),
+        optimized = fuse_for_inference(ours)
+        models: dict[str, Callable] = {
+            "transformers": _forward(theirs), "torchcvt plain": plain, "torchcvt": ours, "torchcvt optimized": optimized,
         }
+        notes = []
+        if backends:
+            more, notes = _backend_candidates(ours, optimized, precisions, log)
+            models.update(more)
         gflop_per_image = 2 * summary(ours, size).macs / 1e9
 
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             ref = theirs(x).logits
-            diffs = {k: (_forward(m)(x) - ref).abs().max().item() for k, m in models.items() if k != "transformers"}
-        bad = {k: v for k, v in diffs.items() if not v < TOLERANCE}
+            diffs = {k: (f(x) - ref).abs().max().item() for k, f in models.items() if k != "transformers"}
+        bad = {k: v for k, v in diffs.items() if not v < TOLERANCE and k not in (f"{ORT} int8", "eager bfloat16")}
         if bad:
             raise TorchCvTError(f"logits differ from transformers by {bad} (tolerance {TOLERANCE}); not timing different models")
         log(f"logits agree with transformers: {diffs}")
-        report = Report(name if isinstance(name, str) else describe(ours.config), size, threads, matmul_rates(matmul_size), diffs, matmul_size=matmul_size)
+        report = Report(name if isinstance(name, str) else describe(ours.config), size, threads, matmul_rates(matmul_size),
+                        diffs, matmul_size=matmul_size, notes=notes)
         log(f"matmul rates: {report.matmul}")
+        gemms = gemm_candidates(matmul_size)  # timed in every round too: "% attain" compares within a round
 
         for batch in batches:
             x = torch.randn(batch, 3, size, size)
-            fns = {k: (lambda f=_forward(m): f(x)) for k, m in models.items()}
+            fns = {k: (lambda f=f: f(x)) for k, f in models.items()} | {f"GEMM {k}": f for k, f in gemms.items()}
             with torch.inference_mode():
                 times = time_alternating(fns, repeats=_rounds(repeats, batch), warmup=1)
+            gemm_times = {k: times[f"GEMM {k}"] for k in gemms}
             for k in models:
                 row = Row("inference", batch, k, times[k], gflop_per_image * batch,
-                          None if k == "transformers" else median_ratio(times["transformers"], times[k]))
-                if memory and batch == 8:
+                          None if k == "transformers" else median_ratio(times["transformers"], times[k]),
+                          vs_onnxruntime=median_ratio(times[ORT], times[k]) if ORT in times else None,
+                          attainable=attainable_fraction(times[k], gflop_per_image * batch, gemm_times, matmul_size))
+                if memory and batch == 8 and k in _MEMORY_KINDS:
                     row.peak_mib = peak_memory_mib(_MEMORY_KINDS[k], "infer", directory, batch, size, threads)
                 report.rows.append(row)
                 log(f"inference batch {batch} {k}: {statistics.median(times[k]) * 1e3:.1f} ms")
@@ -347,16 +384,18 @@ def run_benchmark(
             x = torch.randn(train_batch, 3, size, size)
             y = torch.randint(0, ours.num_classes, (train_batch,))
             # Copies: the optimizer steps change the weights.
-            steps = {k: make_train_step(copy.deepcopy(models[k]), x, y) for k in ("transformers", "torchcvt plain", "torchcvt")}
-            times = time_alternating(steps, repeats=max(3, repeats // 2), warmup=1)
+            steps = {k: make_train_step(copy.deepcopy(m), x, y) for k, m in (("transformers", theirs), ("torchcvt plain", plain), ("torchcvt", ours))}
+            times = time_alternating(steps | {f"GEMM {k}": f for k, f in gemms.items()}, repeats=max(3, repeats // 2), warmup=1)
+            gemm_times = {k: times[f"GEMM {k}"] for k in gemms}
             for k in steps:
                 row = Row("train step", train_batch, k, times[k], 3 * gflop_per_image * train_batch,
-                          None if k == "transformers" else median_ratio(times["transformers"], times[k]))
+                          None if k == "transformers" else median_ratio(times["transformers"], times[k]),
+                          attainable=attainable_fraction(times[k], 3 * gflop_per_image * train_batch, gemm_times, matmul_size))
                 if memory:
                     row.peak_mib = peak_memory_mib(_MEMORY_KINDS[k], "train", directory, train_batch, size, threads)
                 report.rows.append(row)
                 log(f"train step batch {train_batch} {k}: {statistics.median(times[k]) * 1e3:.1f} ms")
-    report.load[1] = _load_average()
+    report.load[1] = load_average()
     return report
 
 
@@ -368,6 +407,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds at batch 8 (more at 1, fewer above 8; default 10)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's, one per core)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-onnxruntime", action="store_true", help="skip the ONNX Runtime and default-backend rows")
+    parser.add_argument("--precisions", default="offered",
+                        help="reduced precisions to time: 'offered' (default: those this CPU's flags offer), 'all', "
+                             "'none' or a comma-separated list of int8, bfloat16")
     parser.add_argument("--quick", action="store_true", help="batches 1 and 8, 4 rounds, training batch 8, no memory")
 
 
@@ -379,11 +422,17 @@ def run(args: argparse.Namespace) -> int:
     if any(b <= 0 for b in batches) or args.repeats <= 0 or args.train_batch < 0:
         raise ConfigError("--batch-sizes and --repeats must be positive, --train-batch >= 0")
     repeats, train_batch, memory = args.repeats, args.train_batch, not args.no_memory
+    reduced = [p for p in PRECISIONS if p != "float32"]
+    choice = {"offered": None, "all": tuple(reduced), "none": ()}.get(args.precisions)
+    if args.precisions not in ("offered", "all", "none"):
+        choice = tuple(p.strip() for p in args.precisions.split(","))
+        if not set(choice) <= set(reduced):
+            raise ConfigError(f"--precisions must be offered, all, none or a list of {', '.join(reduced)}; got {args.precisions!r}")
     if args.quick:
         batches, repeats, train_batch, memory = (1, 8), 4, 8, False
     report = run_benchmark(
         args.model, batches=batches, train_batch=train_batch, repeats=repeats, threads=args.threads,
-        memory=memory, log=lambda s: print(s, file=sys.stderr, flush=True),
+        memory=memory, backends=not args.no_onnxruntime, precisions=choice, log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(report.table())
     return 0

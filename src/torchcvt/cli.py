@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from . import attention_maps, bench, embed, evaluate, export, hub, inference, train
 from .errors import TorchCvTError
+from .serve import command as serve
 from .version import __version__
 
 # By name: the package's attribute `torchcvt.summary` is the summary() function, not the module.
@@ -80,6 +81,12 @@ COMMANDS: dict[str, Command] = {
     "push": Command(
         "upload a model folder to the Hugging Face Hub, with its model card", hub.add_arguments, hub.run,
         ("cvt push runs/pets me/cvt-13-pets", "cvt push runs/pets me/cvt-13-pets --private --include-checkpoints"),
+    ),
+    "serve": Command(
+        "serve a model over HTTP: Open Inference Protocol v2, /predict, metrics, an upload page", serve.add_arguments, serve.run,
+        ("cvt serve --weights cvt-13  # then open http://127.0.0.1:8000/ (API docs: /docs)",
+         "cvt serve --weights runs/digits --name digits --max-batch-size 16 --max-delay-ms 10",
+         "cvt serve --weights cvt-13 --host 0.0.0.0 --port 8080 --workers 2 --backend onnxruntime"),
     ),
 }
 

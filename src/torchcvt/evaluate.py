@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .backends import add_backend_arguments, inference_runner, log_backend_choice
 from .errors import ConfigError, DataError
 from .fileio import atomic_save, check_output, to_json
 from .inference import add_image_safety_arguments
@@ -116,7 +117,7 @@ def _ratios(numerators: torch.Tensor, denominators: torch.Tensor) -> list[float 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     loader: DataLoader,
     *,
     num_classes: int | None = None,
@@ -134,19 +135,24 @@ def evaluate(
     ``keep_topk``: also return each image's ``keep_topk`` best classes (``EvalResult.predictions``;
     this process's images only, never gathered). ``progress``: a tqdm bar on stderr (hidden when
     stderr is not a terminal). The model is put in eval mode and its training flag restored afterwards.
+    ``model`` may also be any callable from pixels to logits (``backends.optimize_for_inference``);
+    then ``num_classes`` is needed and ``device`` defaults to the CPU.
     """
-
+    module = model if isinstance(model, nn.Module) else None
+    if module is None and num_classes is None:
+        raise ConfigError("evaluate: give num_classes for a callable that is not a model")
     num_classes = num_classes or model.num_classes
-    param = next(model.parameters())
-    device = torch.device(device) if device is not None else param.device
+    default = next(module.parameters()).device if module is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else default
     k = min(TOP_K, num_classes)
     # Sums on the device, read once at the end: no host sync per batch.
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     topk_hits = torch.zeros((), dtype=torch.int64, device=device)
     kept: list[tuple[torch.Tensor, ...]] = []
-    was_training = model.training
-    model.eval()
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     bar = tqdm(total=_images_in(loader), unit="img", desc="eval", file=sys.stderr, disable=None if progress else True, leave=False)
     try:
         for x, y in loader:
@@ -170,7 +176,8 @@ def evaluate(
             bar.update(len(y))
     finally:
         bar.close()
-        model.train(was_training)
+        if module is not None:
+            module.train(was_training)
     if distributed:
         import torch.distributed as dist
 
@@ -206,6 +213,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: 0 for digits, else min(4, CPUs - 1))")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    add_backend_arguments(parser)
     parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (fp16: CUDA only)")
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted) instead of stopping")
     parser.add_argument("--output", default=None,
@@ -292,7 +300,12 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else (0 if digits else min(4, max(0, (os.cpu_count() or 1) - 1)))
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    result = evaluate(model, loader, device=device, amp_dtype=amp, keep_topk=TOP_K if args.errors else 0, progress=True)
+    if amp is not None and (args.backend not in (None, "eager") or args.precision != "float32"):
+        raise ConfigError("--amp runs the eager float32 backend; for bfloat16 on the CPU use --precision bfloat16")
+    log_backend_choice(args)
+    runner = inference_runner(model, args.backend, args.precision)
+    result = evaluate(runner, loader, num_classes=model.num_classes, device=device, amp_dtype=amp,
+                      keep_topk=TOP_K if args.errors else 0, progress=True)
 
     labels = [splits.id2label[i] for i in range(model.num_classes)]
     folder = _checkpoint_folder(args.weights)

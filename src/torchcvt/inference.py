@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .backends import BACKENDS, optimize_for_inference, resolve_backend
+from .backends import add_backend_arguments, backend_of, inference_runner, log_backend_choice
 from .errors import ConfigError, DataError, DiskFullError, ImageError, OutputError, TorchCvTError
 from .model import CvT
 from .pretrained import LAYOUTS, REGISTRY, load_pretrained, preprocess_config_of
@@ -93,10 +93,13 @@ class Classifier:
     ``CvT`` (put in eval mode and used as is, with the preprocessing of its ``pretrained_cfg``).
     ``device``: default CUDA when available (a given model: where it is). ``dtype``: float32
     (default), bfloat16 or float16 (CUDA only). ``preprocess``: overrides the transform of the weights.
-    ``batch_size``: images per forward pass in ``__call__``. ``max_pixels``: images with more pixels
-    are refused before they are decoded (0: no limit; default: ``preprocess.max_pixels``, whose
-    default is Pillow's decompression-bomb threshold, ~89 Mpx). ``allow_nonfinite``: load weights holding NaN or
-    inf (refused by default), for debugging.
+    ``batch_size``: images per forward pass in ``__call__``. ``backend``: ``"eager"`` (the default,
+    except for int8: the model itself, nothing to export), ``"onnxruntime"`` or ``"auto"`` (the faster here, measured once;
+    ``backends.optimize_for_inference``). ``precision``: ``"float32"``, or ``"int8"``/``"bfloat16"``
+    where this CPU runs them faster (elsewhere a one-line ConfigError says so). ``max_pixels``: images
+    with more pixels are refused before they are decoded (0: no limit; default: ``preprocess.max_pixels``,
+    whose default is Pillow's decompression-bomb threshold, ~89 Mpx). ``allow_nonfinite``: load weights
+    holding NaN or inf (refused by default), for debugging.
     """
 
     def __init__(
@@ -107,7 +110,8 @@ class Classifier:
         *,
         preprocess: PreprocessConfig | None = None,
         batch_size: int = 32,
-        backend: str = "eager",
+        backend: str | None = None,
+        precision: str = "float32",
         max_pixels: int | None = None,
         allow_nonfinite: bool = False,
     ) -> None:
@@ -131,11 +135,9 @@ class Classifier:
         if model.config.num_classes == 0:
             raise ConfigError(f"{self.source} has no classification head (num_classes=0): nothing to classify")
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.backend, _ = resolve_backend(backend, self.device)
-        if self.backend != "eager" and self.dtype != torch.float32:
-            raise ConfigError(f"backend {self.backend!r} runs float32 only, got dtype {str(self.dtype).removeprefix('torch.')}")
-        # The model computes the logits itself on the eager backend; other backends get a runner of their own.
-        self.runner = self.model if self.backend == "eager" else optimize_for_inference(self.model, self.backend)
+        self.precision = precision
+        self.runner = inference_runner(self.model, backend, precision)
+        self.backend = backend_of(self.runner)
         self.preprocess_config = preprocess or pre
         if max_pixels is not None:
             self.preprocess_config = dataclasses.replace(self.preprocess_config, max_pixels=max_pixels)
@@ -146,7 +148,8 @@ class Classifier:
         p = self.preprocess_config
         crop = f"crop_pct={p.crop_pct}" if p.crop_pct is not None else "no crop"
         return (f"Classifier({self.source!r}, {self.model.config.num_classes} classes, {p.image_size}px {p.resample} "
-                f"{crop}, device={self.device}, dtype={str(self.dtype).removeprefix('torch.')}, backend={self.backend})")
+                f"{crop}, device={self.device}, dtype={str(self.dtype).removeprefix('torch.')}, backend={self.backend}"
+                + (f", precision={self.precision})" if self.precision != "float32" else ")"))
 
     def preprocess(self, image: ImageSource) -> torch.Tensor:
         """The normalised float32 ``[3, H, W]`` tensor the model sees for ``image`` (path, PIL, array, tensor)."""
@@ -289,13 +292,6 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
     """``cvt models`` takes no options."""
 
 
-def add_backend_argument(parser: argparse.ArgumentParser) -> None:
-    """``--backend``, shared by the commands that classify (predict, eval)."""
-    parser.add_argument("--backend", default="eager", choices=BACKENDS,
-                        help="inference backend: eager (PyTorch, default), onnxruntime (exported once per weights and "
-                             "cached; CPU, float32) or auto (the fastest for this machine)")
-
-
 def run_models(args: argparse.Namespace) -> int:
     sys.stdout.write(format_models())
     return 0
@@ -309,7 +305,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="compute dtype (float16: CUDA only)")
-    add_backend_argument(parser)
+    add_backend_arguments(parser)
     parser.add_argument("--format", default="table", choices=("table", "json", "csv"),
                         help="table (default), json (JSON Lines: one object per image) or csv (path,rank,index,label,score)")
     parser.add_argument("--output", default=None,
@@ -387,7 +383,8 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise DataError(f"no image files found in {' '.join(args.inputs)}")
 
-    classifier = Classifier(args.weights, device=args.device, dtype=args.dtype, backend=args.backend,
+    log_backend_choice(args)
+    classifier = Classifier(args.weights, device=args.device, dtype=args.dtype, backend=args.backend, precision=args.precision,
                             max_pixels=args.max_pixels, allow_nonfinite=args.allow_nonfinite_weights)
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
     if len(files) <= args.batch_size:

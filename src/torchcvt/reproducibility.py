@@ -38,11 +38,14 @@ def stream_seed(*values: int) -> int:
     return h >> 1
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python's ``random``, numpy's global RNG and torch's (also every CUDA device)."""
+def seed_everything(seed: int, *, cuda: bool = True) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch's (also every CUDA device, unless not ``cuda``)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if cuda:
+        torch.manual_seed(seed)
+    else:  # the same CPU stream; torch.manual_seed also queues a CUDA seeding with its stack trace (~5 ms)
+        torch.default_generator.manual_seed(seed)
 
 
 def use_deterministic_algorithms() -> None:
@@ -67,7 +70,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, ...]):
         epoch, index, *draw = key
-        seed_everything(stream_seed(SAMPLE, self.seed, epoch, index, *draw))
+        seed_everything(stream_seed(SAMPLE, self.seed, epoch, index, *draw), cuda=False)  # augmentation runs on the CPU
         return self.dataset[index]
 
 
