@@ -1,8 +1,7 @@
 """Evaluation preprocessing: image in, normalised ``[3, H, W]`` float32 tensor out.
 
-The pipeline reproduces transformers' ``ConvNextImageProcessor`` (the PIL backend, which is what
-``AutoImageProcessor`` gives for the public CvT checkpoints), so that a model gives the same
-predictions here and there:
+It reproduces transformers' ``ConvNextImageProcessor`` (PIL backend, what ``AutoImageProcessor`` gives
+for the public CvT checkpoints), so a model predicts the same here and there:
 
 1. decode and convert to RGB as transformers' ``load_image`` does (its image-classification
    pipeline passes every input through it): EXIF orientation, then Pillow's ``convert("RGB")``,
@@ -11,13 +10,10 @@ predictions here and there:
 2. resize the uint8 image with Pillow: below 384 pixels the shorter side goes to
    ``int(image_size / crop_pct)`` and a centred ``image_size`` square is cropped; from 384 up
    the image is squashed to ``image_size x image_size`` (``crop_pct=None``), like the official
-   CvT evaluation code;
-3. rescale by 1/255 and normalise in float32.
+   CvT evaluation code; 3. rescale by 1/255 and normalise in float32.
 
-This module also owns the pixel plumbing every other module shares: ``normalize`` and
-``denormalize`` (the one definition of ``(x - mean) / std`` and its inverse), ``resample_filter``
-(our interpolation names), and ``image_extensions`` / ``is_image_file`` (which file names
-``cvt train`` and ``cvt predict`` take from a folder: every suffix Pillow can open).
+It also owns the shared pixel plumbing: ``normalize``/``denormalize``, ``resample_filter``, and
+``image_extensions``/``is_image_file`` (the file names ``cvt train`` and ``cvt predict`` take).
 
 Where transformers gives no usable answer we choose, and say so:
 
@@ -30,14 +26,14 @@ Where transformers gives no usable answer we choose, and say so:
   Pillow's ``convert`` would truncate 0..1 data to black.
 * Float arrays and tensors must lie in 0..1 and become ``round(v * 255)``, so that
   ``u8 / 255`` reproduces ``u8`` exactly.
-* Images over ``max_pixels`` (None: Pillow's decompression-bomb threshold ``Image.MAX_IMAGE_PIXELS``,
-  ~89 Mpx; 0: no limit) are refused from the header, before decoding: a 420 KB PNG can hold
-  12000x12000 pixels, 1.4 GB decoded.
+* Images over ``max_pixels`` (default Pillow's ~89 Mpx bomb threshold; 0: no limit) are refused from
+  the header: a 420 KB PNG can hold 12000x12000 pixels, 1.4 GB decoded.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -60,7 +56,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor]
 Channels = Union[Sequence[float], torch.Tensor]  # one number per channel: mean or std
 
 # Our resample names and the PIL filter numbers transformers stores in preprocessor_config.json.
@@ -238,10 +234,10 @@ def write_preprocessor_config(cfg: PreprocessConfig, directory: str | os.PathLik
     atomic_write_text(Path(directory) / PREPROCESSOR_CONFIG_NAME, text)
 
 
-def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.Image:
+def load_image(source: ImageSource, *, max_pixels: int | None = None, name: str | None = None) -> Image.Image:
     """Decode ``source`` into an RGB PIL image, or raise ``ImageError`` with a one-line reason.
 
-    Accepts a path, a PIL image, an ``HxWxC``/``HxW`` NumPy array, or a ``CxHxW``/``HxWxC``/``HxW``
+    Accepts a path, the bytes of an encoded file (``name`` in messages), a PIL image, an ``HxWxC``/``HxW`` NumPy array, or a ``CxHxW``/``HxWxC``/``HxW``
     tensor (uint8 0..255 or float 0..1; C = 1, 3 or 4). EXIF orientation is applied, as
     transformers' ``load_image`` does for files and PIL images alike. Images of more than
     ``max_pixels`` pixels are refused before decoding (None: Pillow's ``Image.MAX_IMAGE_PIXELS``, whose
@@ -250,6 +246,8 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
     max_pixels = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels or None  # from here, None: no limit
     if isinstance(source, (str, os.PathLike)):
         return _load_file(Path(source), max_pixels)
+    if isinstance(source, bytes):  # an encoded file that never touched the disk (an upload)
+        return _load_file(io.BytesIO(source), max_pixels, name or "<bytes>")
     if isinstance(source, Image.Image):
         return _decoded(source, getattr(source, "filename", "") or "<PIL image>", max_pixels)
     if isinstance(source, torch.Tensor):
@@ -398,22 +396,26 @@ def _resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     return img.crop((left, top, left + n, top + n))
 
 
-def _load_file(path: Path, max_pixels: int | None) -> Image.Image:
-    problem = "no such file" if not path.exists() else "is a directory" if path.is_dir() else (
-        "empty file" if path.stat().st_size == 0 else None)
+def _load_file(source: Path | io.BytesIO, max_pixels: int | None, name: str | None = None) -> Image.Image:
+    name = name or source
+    if isinstance(source, io.BytesIO):
+        problem = "empty file" if not source.getbuffer().nbytes else None
+    else:
+        problem = "no such file" if not source.exists() else "is a directory" if source.is_dir() else (
+            "empty file" if source.stat().st_size == 0 else None)
     if problem:
-        raise ImageError(f"{path}: cannot read image: {problem}")
+        raise ImageError(f"{name}: cannot read image: {problem}")
     try:
-        img = _open_header(path, max_pixels)
+        img = _open_header(source, name, max_pixels)
     except ImageError:
         raise
     except Exception as exc:
-        raise ImageError(f"{path}: cannot read image: {_reason(exc)}") from exc
+        raise ImageError(f"{name}: cannot read image: {_reason(exc)}") from exc
     with img:
-        return _decoded(img, path, max_pixels)
+        return _decoded(img, name, max_pixels)
 
 
-def _open_header(path: Path, max_pixels: int | None) -> Image.Image:
+def _open_header(source: Path | io.BytesIO, name: object, max_pixels: int | None) -> Image.Image:
     """``Image.open`` (the header only) with our limit in place of Pillow's: its warning is silenced,
     and its refusal past twice its limit is lifted when ``max_pixels`` allows more."""
     with _PILLOW_LIMIT, warnings.catch_warnings():
@@ -422,16 +424,16 @@ def _open_header(path: Path, max_pixels: int | None) -> Image.Image:
         if pillow is not None and (max_pixels is None or max_pixels > 2 * pillow):
             Image.MAX_IMAGE_PIXELS = None
         try:
-            return Image.open(path)
+            return Image.open(source)
         except Image.DecompressionBombError:
-            raise ImageError(_too_large(path, f"over {2 * pillow:,} pixels", max_pixels)) from None
+            raise ImageError(_too_large(name, f"over {2 * pillow:,} pixels", max_pixels)) from None
         finally:
             Image.MAX_IMAGE_PIXELS = pillow
 
 
 def _too_large(name: object, size: str, max_pixels: int) -> str:
-    return (f"{name}: refused before decoding: {size}, over the limit of {max_pixels:,} that guards against "
-            "decompression bombs; if you trust the file, raise it with --max-pixels N (max_pixels=N in Python)")
+    return (f"{name}: refused before decoding: {size}, over the limit of {max_pixels:,} (too large: the limit "
+            "guards against decompression bombs); if you trust the file, raise it with --max-pixels N (max_pixels=N in Python)")
 
 
 def _decoded(img: Image.Image, name: object, max_pixels: int | None) -> Image.Image:

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import io
 import re
-import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..attention_maps import cls_attention, overlay, upsample
-from ..errors import ImageError
 from ..inference import Classifier
-from ..transforms import denormalize
+from ..transforms import denormalize, load_image
 
 # 50 Mpx: above a phone camera's default photo (12-50 Mpx), below Pillow's 89 Mpx decompression-bomb
 # warning; one such RGB image is 150 MB decoded, so the limit also bounds the decoders' memory.
@@ -35,36 +33,6 @@ def model_name_for(source: str) -> str:
     """A URL-safe model name from a weights argument: ``cvt-13``, ``runs/digits`` -> ``digits``."""
     base = re.split(r"[\\/]", str(source).rstrip("/\\"))[-1] or "model"
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "model"
-
-
-def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """The decoded image in ``data``; a one-line ``ImageError`` for an empty, non-image, oversized,
-    corrupt or truncated file. The size comes from the header: a huge image is refused undecoded.
-
-    Merge note (issue 9): ``transforms.load_image(max_pixels=)`` applies the same limit to files;
-    this function is the same check for bytes that never touch the disk.
-    """
-    if not data:
-        raise ImageError(f"{name}: cannot read image: empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
-            image = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError:
-        raise ImageError(f"{name}: image too large (over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx, "
-                         f"limit {max_pixels / 1e6:.1f} Mpx)") from None
-    except Exception:  # Pillow raises several types for data it cannot identify
-        raise ImageError(f"{name}: cannot read image: not an image, or a format Pillow cannot read") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(f"{name}: image too large ({width}x{height} = {width * height / 1e6:.1f} Mpx, "
-                         f"limit {max_pixels / 1e6:.1f} Mpx)")
-    try:
-        image.load()  # truncation and corruption fail here, with their own reason
-    except Exception as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ImageError(f"{name}: cannot read image: {reason}") from None
-    return image
 
 
 class ModelService:
@@ -96,7 +64,7 @@ class ModelService:
 
     def decode(self, data: bytes, name: str) -> torch.Tensor:
         """An encoded image file -> the normalised float32 ``[3, S, S]`` tensor the model sees."""
-        return self.classifier.preprocess(open_image(data, name, self.max_pixels))
+        return self.classifier.preprocess(load_image(data, max_pixels=self.max_pixels, name=name))
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
