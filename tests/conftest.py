@@ -10,6 +10,7 @@ hard-codes GELU where the official weights use QuickGELU.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ from PIL import Image
 # One thread per test process: two OpenMP threads stall each other on a shared 2-core machine, and
 # `make test` runs two pytest workers (-n 2) instead.
 torch.set_num_threads(1)
+# The fast path's GEMM is measured per CPU (fastpath.gemm_engine); the suite pins oneDNN so its
+# layers are exercised on every machine (and in every CLI subprocess). test_optimize covers "mkl".
+os.environ.setdefault("TORCHCVT_GEMM", "onednn")
 
 # transformers' CvtConfig kwargs for each reference layout. transformers cannot build depth[i] <= i
 # (its drop-path list is indexed by stage), hence depth (1, 2, 3) for the tiny one.

@@ -11,7 +11,7 @@ from torchcvt import backends, machine
 from torchcvt.backends import (AutocastModel, OnnxRuntimeModel, available_backends, optimize_for_inference, resolve_backend,
                                weights_hash)
 from torchcvt.errors import ConfigError
-from torchcvt.machine import cpu_info, read_record, record_key, update_record
+from torchcvt.machine import cpu_info, read_record, update_record
 
 pytest.importorskip("onnxruntime")
 
@@ -178,7 +178,7 @@ def _ratios(**by_name):
 
 def test_auto_measures_once_then_reads_the_record(cache, monkeypatch):
     model = _model(64)  # the weights test_onnxruntime_matches_eager exported: no new export
-    key, _ = record_key(backends.layout_of(model.config), 1)
+    key, _ = backends.auto_record_key(model.config, 1)
     measure, asked = _ratios(onnxruntime={"1": 1.5, "8": 1.1})
     monkeypatch.setattr(backends, "measure_speedups", measure)
     runner = optimize_for_inference(model, threads=1)
@@ -198,7 +198,7 @@ def test_auto_measures_once_then_reads_the_record(cache, monkeypatch):
 def test_auto_measurement_times_both_backends(cache):
     model = _model(64)
     runner = optimize_for_inference(model, threads=2)  # another record than the test above
-    record = read_record(record_key(backends.layout_of(model.config), 2)[0])
+    record = read_record(backends.auto_record_key(model.config, 2)[0])
     assert set(record["onnxruntime"]) == {"1", "8"} and all(r > 0 for r in record["onnxruntime"].values())
     expected = OnnxRuntimeModel if backends._geometric_mean(record["onnxruntime"]) > 1 else torchcvt.CvT
     assert isinstance(runner, expected)

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -256,3 +258,49 @@ def test_run_benchmark_small_layout():
     assert report.rows[-1].gflop == pytest.approx(3 * flops)  # a training step: 3x the forward
     table = report.table()
     assert "torch.mm" in table and "| train step" in table and "threads: 1" in table
+
+
+def test_gemm_engine_is_measured_once_per_machine_and_can_be_forced(monkeypatch, tmp_path):
+    """Without $TORCHCVT_GEMM the faster engine of a stored measurement is used; it is measured once, then read."""
+    monkeypatch.delenv("TORCHCVT_GEMM")
+    monkeypatch.setenv("TORCHCVT_CACHE", str(tmp_path))
+    fastpath._gemm_engine_for.cache_clear()
+    monkeypatch.setattr(fastpath, "onednn_available", lambda: True)
+    measured = fastpath.time_gemm_engines(rounds=1)  # the real timing, once: both engines, seconds > 0
+    assert set(measured) == {"mkl", "onednn"} and min(measured.values()) > 0
+    calls = []
+    for fake, expected in (({"mkl": 0.2, "onednn": 0.1}, "onednn"), ({"mkl": 0.1, "onednn": 0.2}, "mkl")):
+        (tmp_path / "measurements.json").unlink(missing_ok=True)
+        fastpath._gemm_engine_for.cache_clear()
+        monkeypatch.setattr(fastpath, "time_gemm_engines", lambda fake=fake: calls.append(fake) or fake)
+        assert fastpath.gemm_engine() == expected
+        fastpath._gemm_engine_for.cache_clear()
+        assert fastpath.gemm_engine() == expected  # from the record: not timed again
+        assert len(calls) == 1 and "gemm_seconds" in (tmp_path / "measurements.json").read_text()
+        calls.clear()
+    monkeypatch.setenv("TORCHCVT_GEMM", "onednn")
+    assert fastpath.gemm_engine() == "onednn"
+    monkeypatch.setenv("TORCHCVT_GEMM", "blas")
+    with pytest.raises(torchcvt.ConfigError, match="TORCHCVT_GEMM='blas': expected one of onednn, mkl"):
+        fastpath.gemm_engine()
+    fastpath._gemm_engine_for.cache_clear()
+
+
+def test_mkl_engine_gives_the_same_numbers(monkeypatch):
+    """With MKL chosen the fast and fused models run F.linear (activations and adds in place) and match the plain model."""
+    torch.manual_seed(7)
+    model = CvT(config=tiny(hidden_act="quick_gelu")).eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+    monkeypatch.setenv("TORCHCVT_GEMM", "mkl")
+    monkeypatch.setattr(fastpath, "_linear_pointwise", None)  # would raise if anything still called oneDNN
+    monkeypatch.setattr(fastpath, "_linear_add", None)
+    assert not use_onednn(x)
+    fast, fused = apply_fast_path(copy.deepcopy(model)), fuse_for_inference(model)
+    with torch.no_grad():
+        assert (fast(x) - reference).abs().max() < 1e-5
+        assert (fused(x) - reference).abs().max() < 1e-4
+    with torch.inference_mode():
+        assert (fused(x) - reference).abs().max() < 1e-4

@@ -39,6 +39,7 @@ import torch
 from .config import CvTConfig
 from .errors import ConfigError
 from .export import export_onnx, min_dynamic_side
+from .allocator import retain_freed_memory
 from .fastpath import fuse_for_inference
 from .fileio import atomic_save
 from .machine import (BF16_FLAGS, INT8_FLAGS, cache_dir, cpu_info, measurements_path, median_ratio, read_record,
@@ -51,6 +52,7 @@ logger = logging.getLogger("torchcvt")
 BACKENDS = ("auto", "eager", "onnxruntime")
 PRECISIONS = ("float32", "bfloat16", "int8")
 MEASURED_BATCHES = (1, 8)
+EAGER_REVISION = 2  # 2: linears on the GEMM measured faster, freed memory retained (fastpath.py)
 
 # What reduced precision measured on a CPU without the instructions for it (docs/performance.md, `cvt bench`):
 # quoted when such a CPU asks for it and nothing was measured on the machine itself.
@@ -238,9 +240,14 @@ def _geometric_mean(ratios: dict[str, float]) -> float:
     return math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
 
 
+def auto_record_key(config: CvTConfig, threads: int) -> tuple[str, dict]:
+    """The record ``"auto"`` measures into; it names the eager path's revision, so older records are measured again."""
+    return record_key({**layout_of(config), "eager": EAGER_REVISION}, threads)
+
+
 def _auto(model: CvT, threads: int, options: dict) -> tuple[Callable, str]:
     """The faster of eager and ONNX Runtime for this layout here (measured once, then read from the record)."""
-    key, description = record_key(layout_of(model.config), threads)
+    key, description = auto_record_key(model.config, threads)
     record = read_record(key) or {}
     eager = None
     if "onnxruntime" not in record:
@@ -310,6 +317,7 @@ def optimize_for_inference(model: CvT, backend: str = "auto", *, precision: str 
             raise ConfigError("precision bfloat16 runs on the eager backend (PyTorch's CPU autocast)")
     name, reason = resolve_backend(backend, param.device, param.dtype)
     threads = options.pop("threads", None) or torch.get_num_threads()
+    retain_freed_memory()  # no page faults for activations on every call (allocator.retain_freed_memory)
     if precision != "float32":
         if param.device.type != "cpu" or param.dtype != torch.float32:
             raise ConfigError(f"precision {precision} converts a float32 CPU model, got {param.dtype} on {param.device}")

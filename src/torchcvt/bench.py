@@ -18,7 +18,8 @@ Method (also in docs/performance.md):
   (float32; int8 where the CPU's flags offer it, or as ``--precisions`` asks), and the default
   ``optimize_for_inference(model)`` (backend ``"auto"``); "vs onnxruntime" is the median of per-round
   ratios against ONNX Runtime float32. The header names the CPU and its flags.
-* Models: "torchcvt" is the model ``create_model`` returns (the fast path applied, fastpath.py),
+* Models: "torchcvt" is the model ``create_model`` returns (the fast path applied, fastpath.py, its
+  linears on the GEMM ``fastpath.gemm_engine()`` measured faster here; the header says which),
   "torchcvt plain" the reference model without it (``CvT(...)``: ``nn.Linear`` on MKL), so the
   fast path's own gain shows; "torchcvt optimized" is ``optimize_for_inference``.
 * Peak memory: each (model, case) runs in a fresh subprocess with glibc's dynamic mmap threshold
@@ -47,7 +48,8 @@ import torch.nn.functional as F
 
 from .config import CvTConfig
 from .errors import ConfigError, TorchCvTError
-from .fastpath import apply_fast_path, onednn_available, onednn_linear, fuse_for_inference, remove_fast_path
+from .allocator import retain_freed_memory
+from .fastpath import apply_fast_path, fuse_for_inference, gemm_engine, onednn_available, onednn_linear, remove_fast_path
 from .backends import NEEDS, PRECISIONS, AutocastModel, OnnxRuntimeModel, available_backends, describe_backend, optimize_for_inference
 from .machine import cpu_info, load_average, median_ratio, onnxruntime_version, time_alternating
 from .model import CvT
@@ -335,6 +337,7 @@ def run_benchmark(
     if threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
+    retained = retain_freed_memory()  # for every candidate alike, as optimize_for_inference does
     if precisions is None:
         precisions = tuple(p for p in ("int8", "bfloat16") if cpu_info().has_any(NEEDS[p]))
     with tempfile.TemporaryDirectory(prefix="cvt-bench-") as directory:
@@ -345,9 +348,12 @@ def run_benchmark(
         models: dict[str, Callable] = {
             "transformers": _forward(theirs), "torchcvt plain": plain, "torchcvt": ours, "torchcvt optimized": optimized,
         }
-        notes = []
+        notes = [f"freed memory retained in the process (glibc mallopt, every candidate): {'yes' if retained else 'no'}",
+                 f"fast path linears ('torchcvt', 'torchcvt optimized'): {gemm_engine()} "
+                 f"({'$TORCHCVT_GEMM' if os.environ.get('TORCHCVT_GEMM') else 'the faster on this CPU, measured once'})"]
         if backends:
-            more, notes = _backend_candidates(ours, optimized, precisions, log)
+            more, backend_notes = _backend_candidates(ours, optimized, precisions, log)
+            notes += backend_notes
             models.update(more)
         gflop_per_image = 2 * summary(ours, size).macs / 1e9
 

@@ -11,8 +11,13 @@ can be taken off again, and is the only module of torchcvt that names private to
 * ``fuse_for_inference(model)``: an eval-only copy with BatchNorm and the attention scale
   folded, shared-input projections merged and activations and residual adds fused into the GEMMs.
 
-Why: PyTorch sends fp32 CPU matrix products to MKL; on some CPUs (AMD's among them) oneDNN's
-GEMM, also inside PyTorch, is about twice as fast at the same fp32 precision (docs/performance.md).
+Why: PyTorch sends fp32 CPU matrix products to MKL; on some CPUs oneDNN's GEMM, also inside
+PyTorch, is about twice as fast at the same fp32 precision (AVX-512 Zen 5: 2.2x), and on others
+MKL is faster (an AVX2 Zen 3: oneDNN 0.9x on CvT's shapes; docs/performance.md). So which one runs
+is measured, not assumed: ``gemm_engine()`` times CvT's linear shapes on both once per CPU, torch
+version and thread count (about a second, stored in ``machine.measurements_path()``), and
+``$TORCHCVT_GEMM=onednn|mkl`` overrides it. With ``"mkl"`` the layers here run ``F.linear``; the
+other inference fusions (folded BatchNorm and scale, merged projections) stay.
 The private op is probed once, at first use; where a torch version lacks it (or it computes
 something else), and under compile, export, autocast and dispatch modes (FLOP counters, fake
 tensors), every layer here runs plain ``F.linear``, which all of those understand.
@@ -22,12 +27,19 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
+import os
+import statistics
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+from .machine import read_record, record_key, time_alternating, update_record
 from .model import Attention, Block, CvT, Mlp
+
+logger = logging.getLogger("torchcvt")
 
 # ------------------------------------------------------------ private torch APIs (only here)
 # activation -> oneDNN post-op name and algorithm ("none": GELU with erf, exact like F.gelu).
@@ -89,8 +101,70 @@ def use_onednn(x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and not _dispatch_mode_active()
-        and onednn_available()  # last: the probe runs in plain eager mode only
+        and onednn_available()  # the probe runs in plain eager mode only
+        and gemm_engine() == "onednn"  # last: the measurement too
     )
+
+
+# --------------------------------------------------------------- which GEMM is faster on this CPU
+GEMM_ENGINES = ("onednn", "mkl")
+# CvT-13's linears at batch 4 (tokens, in, out, how many per forward; k/v at a quarter of the tokens):
+# the mix the choice is timed on. Every preset has the same three kinds of shape (q/k/v/proj, fc1, fc2).
+_TIMED_SHAPES = (
+    (12544, 64, 64, 2), (3136, 64, 64, 2), (12544, 64, 256, 1), (12544, 256, 64, 1),
+    (3136, 192, 192, 4), (784, 192, 192, 4), (3136, 192, 768, 2), (3136, 768, 192, 2),
+    (788, 384, 384, 20), (200, 384, 384, 20), (788, 384, 1536, 10), (788, 1536, 384, 10),
+)
+
+
+def time_gemm_engines(rounds: int = 5) -> dict[str, float]:
+    """Seconds per forward's worth of CvT-13 linears (``_TIMED_SHAPES``) on MKL and on oneDNN, timed alternately."""
+    generator = torch.Generator().manual_seed(0)  # not the global generator: training's random stream stays as it is
+    operands = [(torch.rand(n, k, generator=generator), torch.rand(m, k, generator=generator), torch.rand(m, generator=generator), count)
+                for n, k, m, count in _TIMED_SHAPES]
+
+    def run(linear) -> None:
+        for x, w, b, count in operands:
+            for _ in range(count):
+                linear(x, w, b)
+
+    with torch.inference_mode():
+        times = time_alternating({"mkl": lambda: run(F.linear), "onednn": lambda: run(_linear_pointwise)}, repeats=rounds)
+    return {name: round(statistics.median(t), 5) for name, t in times.items()}
+
+
+@functools.cache
+def _gemm_engine_for(threads: int, forced: str | None) -> str:
+    if forced is not None:
+        if forced not in GEMM_ENGINES:
+            raise ConfigError(f"TORCHCVT_GEMM={forced!r}: expected one of {', '.join(GEMM_ENGINES)}")
+        return forced
+    key, description = record_key({"linears": "cvt-13 at batch 4"}, threads)
+    record = read_record(key) or {}
+    if not isinstance(record.get("gemm_seconds"), dict) or set(record["gemm_seconds"]) != set(GEMM_ENGINES):
+        logger.info("fast path: timing MKL against oneDNN once for this CPU and %d threads (about a second)", threads)
+        record = {"gemm_seconds": time_gemm_engines()}
+        try:
+            update_record(key, description, record)
+        except OSError as error:  # a read-only or full cache: measure again next time, run now
+            logger.warning("fast path: could not store the GEMM measurement (%s)", error)
+    seconds = record["gemm_seconds"]
+    engine = "onednn" if seconds["onednn"] < seconds["mkl"] else "mkl"  # a tie goes to MKL, PyTorch's default
+    logger.info("fast path: linears on %s (%d threads: MKL %.0f ms, oneDNN %.0f ms for CvT-13's linears)",
+                engine, threads, 1e3 * seconds["mkl"], 1e3 * seconds["onednn"])
+    return engine
+
+
+def gemm_engine() -> str:
+    """``"onednn"`` or ``"mkl"``: the faster GEMM for fp32 linears here, at this thread count.
+
+    ``$TORCHCVT_GEMM`` decides if set; else the measurement stored for this CPU, software and thread
+    count, made (about a second) the first time it is missing. Needs oneDNN: without it, ``"mkl"``.
+    """
+    forced = os.environ.get("TORCHCVT_GEMM") or None
+    if forced is None and not onednn_available():
+        return "mkl"
+    return _gemm_engine_for(torch.get_num_threads(), forced)
 
 
 def onednn_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,11 +345,17 @@ class FusedLinear(nn.Module):
                 out = _linear_pointwise(x2d, self.weight, self.bias, self.activation)
             return out.view(*x.shape[:-1], self.weight.shape[0])
         out = F.linear(x, self.weight, self.bias)
+        # In place on the fresh product when nothing records it (no autograd, no tracing): one
+        # allocation instead of three per block, 4-8 % of a CvT-13 forward on MKL (docs/performance.md).
+        in_place = not torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                                                        or torch.onnx.is_in_onnx_export())
         if self.activation == "gelu":
             out = F.gelu(out)
         elif self.activation == "silu":
-            out = F.silu(out)
-        return out if residual is None else out + residual
+            out = F.silu(out, inplace=in_place)
+        if residual is None:
+            return out
+        return out.add_(residual) if in_place else out + residual
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, activation={self.activation}"

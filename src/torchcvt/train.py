@@ -36,6 +36,7 @@ from .checkpoint import save_pretrained
 from .datasets import DataSplits, build_datasets
 from .distributed import Dist, convert_batchnorm, setup_device
 from .errors import ConfigError, DataError, TorchCvTError
+from .allocator import retain_freed_memory
 from .evaluate import evaluate
 from .model import CvT
 from .modelcard import write_model_card
@@ -362,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
             cfg = resume_config(args.output or default_output(args.data or "digits"), options)
         else:
             cfg = resolve_config(**options)
+        retain_freed_memory()  # each step's activations without page faults (allocator.retain_freed_memory)
         train(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingStopped as stop:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
