@@ -6,14 +6,17 @@
 With ``--weights`` it starts ``cvt serve`` itself (extra options after ``--serve-args``), waits
 until ``/v2/health/ready``, runs each concurrency level, reads the server's peak resident memory
 (VmHWM of the process and its children from /proc), and stops it with SIGTERM, checking it exits 0.
-``--baseline`` also times the same weights in this process, one image at a time (decode,
-preprocess, forward: what a loop over ``Classifier`` gives), the reference for the speed-up.
+``--baseline N`` also times the same weights in-process, one image at a time (decode, preprocess,
+forward: what a loop over ``Classifier`` gives), the reference for the speed-up: in a child process
+before the server starts and again after it stops, so a machine whose speed drifts shows it; each
+level's ``speedup`` is its throughput over the mean of the two.
 
 Each request is an Open Inference Protocol v2 ``infer`` call carrying one encoded image as a base64
 BYTES tensor (``--endpoint predict`` posts the raw image to ``/predict`` instead). A 503 is counted
 apart from failures (backpressure); anything else that is not a 200 (other statuses, timeouts,
-connection errors) is a failure. The client (httpx, asyncio) runs on the same machine and takes
-CPU from the server: the figures are for client and server sharing the cores.
+connection errors) is a failure. The client (aiohttp, asyncio) runs on the same machine and takes
+CPU from the server: the figures are for client and server sharing the cores. (httpx, measured first,
+spent 17 s of CPU on 1,000 requests at concurrency 128, 4 s at 32: at 128 it measured itself.)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 
@@ -79,27 +83,28 @@ async def run_level(url: str, name: str, endpoint: str, image: bytes, concurrenc
     failures: dict[str, int] = {}  # what the failures were: a status code or an exception's name
     answers: set[str] = set()
     remaining = iter(range(requests))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as client:
 
         async def worker() -> None:
             for _ in remaining:
                 started = time.perf_counter()
                 try:
-                    response = await client.post(path, content=body, headers=headers)
-                except httpx.HTTPError as exc:
+                    async with client.post(path, data=body, headers=headers) as response:
+                        status, text = response.status, await response.text()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     counts["failed"] += 1
                     failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
                     continue
-                if response.status_code == 200:
+                if status == 200:
                     latencies.append(time.perf_counter() - started)
                     counts["ok"] += 1
-                    answers.add(response.text if endpoint == "predict" else json.dumps(response.json()["outputs"][0]))
-                elif response.status_code == 503:
+                    answers.add(text if endpoint == "predict" else json.dumps(json.loads(text)["outputs"][0]))
+                elif status == 503:
                     counts["503"] += 1
                 else:
                     counts["failed"] += 1
-                    failures[str(response.status_code)] = failures.get(str(response.status_code), 0) + 1
+                    failures[str(status)] = failures.get(str(status), 0) + 1
 
         load_before = os.getloadavg()[0]
         started = time.perf_counter()
@@ -118,12 +123,12 @@ def baseline(weights: str, backend: str, image: bytes, requests: int, threads: i
     import torch
 
     from torchcvt import Classifier
-    from torchcvt.serve.model import open_image
+    from torchcvt.transforms import load_image
 
     if threads:
         torch.set_num_threads(threads)
     classifier = Classifier(weights, device="cpu", backend=backend)
-    one = lambda: classifier.predict_batch(classifier.preprocess(open_image(image, "x", 10**8))[None])
+    one = lambda: classifier.predict_batch(classifier.preprocess(load_image(image, max_pixels=10**8, name="x"))[None])
     for _ in range(5):
         one()
     started = time.perf_counter()
@@ -131,6 +136,15 @@ def baseline(weights: str, backend: str, image: bytes, requests: int, threads: i
         one()
     seconds = time.perf_counter() - started
     return {"throughput": requests / seconds, "ms_per_image": 1000 * seconds / requests, "load": os.getloadavg()[0]}
+
+
+def baseline_in_child(args: argparse.Namespace, image: bytes) -> dict:
+    """``baseline`` in a fresh process, as a user's loop would run (not beside this client)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from serve_load import baseline, test_image; "
+            "print(json.dumps(baseline(sys.argv[2], sys.argv[3], test_image(), int(sys.argv[4]), int(sys.argv[5]) or None)))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), args.weights, args.backend,
+                          str(args.baseline), str(args.threads or 0)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def wait_ready(url: str, process: subprocess.Popen, limit: float = 300) -> None:
@@ -169,13 +183,20 @@ def main() -> int:
         parser.error("--requests: give one number, or one per --concurrency level")
     requests = args.requests * len(args.concurrency) if len(args.requests) == 1 else args.requests
     image = test_image()
-    process = None
     if args.weights:
         from torchcvt.serve.model import model_name_for
 
+        args.name = args.name or model_name_for(args.weights)
+    if not (args.url or args.weights) or not args.name:
+        parser.error("give --weights, or --url and --name")
+    results: dict = {"server": args.serve_args, "threads": args.threads, "cpu_count": os.cpu_count(), "levels": []}
+    if args.baseline:
+        results["baseline_before"] = baseline_in_child(args, image)
+        print("baseline before (in-process, one image at a time):", results["baseline_before"], flush=True)
+    process = None
+    if args.weights:
         port = free_port()
         args.url = f"http://127.0.0.1:{port}"
-        args.name = args.name or model_name_for(args.weights)
         command = [sys.executable, "-m", "torchcvt", "serve", "--weights", args.weights, "--port", str(port),
                    "--name", args.name, "--backend", args.backend, *args.serve_args]
         if args.threads:
@@ -183,9 +204,6 @@ def main() -> int:
         print("server:", " ".join(command[2:]), flush=True)
         process = subprocess.Popen(command)
         wait_ready(args.url, process)
-    if not args.url or not args.name:
-        parser.error("give --weights, or --url and --name")
-    results: dict = {"server": args.serve_args, "threads": args.threads, "cpu_count": os.cpu_count(), "levels": []}
     try:
         for concurrency, count in zip(args.concurrency, requests):
             row = asyncio.run(run_level(args.url, args.name, args.endpoint, image, concurrency, count, args.timeout))
@@ -199,8 +217,13 @@ def main() -> int:
             results["server_exit_status"] = process.wait(timeout=120)
             print("server exit status:", results["server_exit_status"])
     if args.baseline:
-        results["baseline"] = baseline(args.weights, args.backend, image, args.baseline, args.threads)
-        print("baseline (in-process, one image at a time):", results["baseline"])
+        results["baseline_after"] = baseline_in_child(args, image)
+        print("baseline after (in-process, one image at a time):", results["baseline_after"])
+        reference = (results["baseline_before"]["throughput"] + results["baseline_after"]["throughput"]) / 2
+        for row in results["levels"]:
+            row["speedup"] = row["throughput"] / reference
+            print(f"concurrency {row['concurrency']}: {row['throughput']:.2f} images/s = {row['speedup']:.2f}x the baseline "
+                  f"({reference:.2f} images/s, the mean of before and after)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -266,6 +266,7 @@ def test_gemm_engine_is_measured_once_per_machine_and_can_be_forced(monkeypatch,
     monkeypatch.setenv("TORCHCVT_CACHE", str(tmp_path))
     fastpath._gemm_engine_for.cache_clear()
     monkeypatch.setattr(fastpath, "onednn_available", lambda: True)
+    monkeypatch.setattr(fastpath.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine: the timing is stored
     measured = fastpath.time_gemm_engines(rounds=1)  # the real timing, once: both engines, seconds > 0
     assert set(measured) == {"mkl", "onednn"} and min(measured.values()) > 0
     calls = []
@@ -278,6 +279,14 @@ def test_gemm_engine_is_measured_once_per_machine_and_can_be_forced(monkeypatch,
         assert fastpath.gemm_engine() == expected  # from the record: not timed again
         assert len(calls) == 1 and "gemm_seconds" in (tmp_path / "measurements.json").read_text()
         calls.clear()
+    # Timed on a busy machine: used by this process, not stored, so the next process times again.
+    monkeypatch.setattr(fastpath.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(fastpath.os, "cpu_count", lambda: 2)
+    (tmp_path / "measurements.json").unlink()
+    fastpath._gemm_engine_for.cache_clear()
+    assert fastpath.gemm_engine() == "mkl" and len(calls) == 1 and not (tmp_path / "measurements.json").exists()
+    fastpath._gemm_engine_for.cache_clear()
+    assert fastpath.gemm_engine() == "mkl" and len(calls) == 2
     monkeypatch.setenv("TORCHCVT_GEMM", "onednn")
     assert fastpath.gemm_engine() == "onednn"
     monkeypatch.setenv("TORCHCVT_GEMM", "blas")

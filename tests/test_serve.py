@@ -203,7 +203,7 @@ def test_metrics_count_requests_and_images(server):
     assert after["cvt_images_total"] - before["cvt_images_total"] == 3
     assert after['cvt_request_duration_seconds_count{endpoint="/predict"}'] - before.get(
         'cvt_request_duration_seconds_count{endpoint="/predict"}', 0) == 2
-    assert "cvt_queue_depth" in after and "cvt_images_per_second" in after and "cvt_batch_size_sum" in after
+    assert "cvt_queue_depth" in after and "cvt_shed_images_total" in after and "cvt_images_per_second" in after and "cvt_batch_size_sum" in after
 
 
 # --------------------------------------------------------------------------------- bad requests

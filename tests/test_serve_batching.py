@@ -135,3 +135,25 @@ def test_warm_up_runs_one_batch_and_seeds_the_speed_estimate():
 
     sizes, wait = run(main())
     assert sizes == [4] and wait > 0.0
+
+
+def test_images_due_before_their_batch_could_end_are_refused_without_compute():
+    """A request whose deadline has passed when its batch is assembled gets QueueFull (a 503), and the
+    model never sees it; one with time left is answered. Deadlines are in the past or far ahead, so no
+    timing decides the outcome."""
+    async def main():
+        model = Model()
+        shed = []
+        batcher = DynamicBatcher(model, max_batch_size=4, max_delay=0.0, max_queue=100, on_shed=lambda: shed.append(1))
+        await batcher.warm_up(images(0, 0, 0, 0))  # the speed estimate: a batch's end is now + a little
+        batcher.start()
+        late = asyncio.ensure_future(batcher.submit(images(5, 6), deadline=time.monotonic() - 1.0))
+        fine = asyncio.ensure_future(batcher.submit(images(7), deadline=time.monotonic() + 3600.0))
+        results = await asyncio.gather(late, fine, return_exceptions=True)
+        await batcher.stop()
+        return model.sizes, results, shed
+
+    sizes, (late, fine), shed = run(main())
+    assert isinstance(late, QueueFull) and late.retry_after >= 1
+    assert fine.tolist() == [2 * 7 * 12]
+    assert sizes == [4, 1] and len(shed) == 2  # the warm-up batch, then the one image with time left

@@ -11,7 +11,7 @@ import functools
 import os
 import sys
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
 
 
 @functools.cache
@@ -32,4 +32,6 @@ def retain_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     except (OSError, AttributeError):  # not glibc
         return False
-    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    # One arena: threads started from now on (a server's model thread) allocate from the main heap
+    # too; glibc unmaps a thread arena's emptied 64 MiB heaps whatever the trim threshold says.
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and mallopt(_M_ARENA_MAX, 1) == 1

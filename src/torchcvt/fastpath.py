@@ -11,13 +11,11 @@ can be taken off again, and is the only module of torchcvt that names private to
 * ``fuse_for_inference(model)``: an eval-only copy with BatchNorm and the attention scale
   folded, shared-input projections merged and activations and residual adds fused into the GEMMs.
 
-Why: PyTorch sends fp32 CPU matrix products to MKL; on some CPUs oneDNN's GEMM, also inside
-PyTorch, is about twice as fast at the same fp32 precision (AVX-512 Zen 5: 2.2x), and on others
-MKL is faster (an AVX2 Zen 3: oneDNN 0.9x on CvT's shapes; docs/performance.md). So which one runs
-is measured, not assumed: ``gemm_engine()`` times CvT's linear shapes on both once per CPU, torch
-version and thread count (about a second, stored in ``machine.measurements_path()``), and
-``$TORCHCVT_GEMM=onednn|mkl`` overrides it. With ``"mkl"`` the layers here run ``F.linear``; the
-other inference fusions (folded BatchNorm and scale, merged projections) stay.
+Why: PyTorch sends fp32 CPU matrix products to MKL; on some CPUs oneDNN's GEMM (also in PyTorch)
+is about twice as fast (AVX-512 Zen 5: 2.2x), on others MKL is faster (AVX2 Zen 3: oneDNN 0.9x on
+CvT's shapes; docs/performance.md). ``gemm_engine()`` times both on CvT's linear shapes once per CPU,
+torch version and thread count (1.7 s with 2 threads on a Zen 3; kept in ``measurements.json``;
+``$TORCHCVT_GEMM=onednn|mkl`` overrides it). With ``"mkl"`` the layers here run ``F.linear``.
 The private op is probed once, at first use; where a torch version lacks it (or it computes
 something else), and under compile, export, autocast and dispatch modes (FLOP counters, fake
 tensors), every layer here runs plain ``F.linear``, which all of those understand.
@@ -108,8 +106,7 @@ def use_onednn(x: torch.Tensor) -> bool:
 
 # --------------------------------------------------------------- which GEMM is faster on this CPU
 GEMM_ENGINES = ("onednn", "mkl")
-# CvT-13's linears at batch 4 (tokens, in, out, how many per forward; k/v at a quarter of the tokens):
-# the mix the choice is timed on. Every preset has the same three kinds of shape (q/k/v/proj, fc1, fc2).
+# The choice is timed on CvT-13's linears at batch 4: (tokens, in, out, how many a forward has; k/v: 1/4 the tokens).
 _TIMED_SHAPES = (
     (12544, 64, 64, 2), (3136, 64, 64, 2), (12544, 64, 256, 1), (12544, 256, 64, 1),
     (3136, 192, 192, 4), (784, 192, 192, 4), (3136, 192, 768, 2), (3136, 768, 192, 2),
@@ -117,16 +114,15 @@ _TIMED_SHAPES = (
 )
 
 
-def time_gemm_engines(rounds: int = 5) -> dict[str, float]:
+def time_gemm_engines(rounds: int = 3) -> dict[str, float]:
     """Seconds per forward's worth of CvT-13 linears (``_TIMED_SHAPES``) on MKL and on oneDNN, timed alternately."""
     generator = torch.Generator().manual_seed(0)  # not the global generator: training's random stream stays as it is
-    operands = [(torch.rand(n, k, generator=generator), torch.rand(m, k, generator=generator), torch.rand(m, generator=generator), count)
-                for n, k, m, count in _TIMED_SHAPES]
+    operands = [shape for n, k, m, count in _TIMED_SHAPES  # the same tensors as often as a forward has the shape
+                for shape in [(torch.rand(n, k, generator=generator), torch.rand(m, k, generator=generator), torch.rand(m, generator=generator))] * count]
 
     def run(linear) -> None:
-        for x, w, b, count in operands:
-            for _ in range(count):
-                linear(x, w, b)
+        for x, w, b in operands:
+            linear(x, w, b)
 
     with torch.inference_mode():
         times = time_alternating({"mkl": lambda: run(F.linear), "onednn": lambda: run(_linear_pointwise)}, repeats=rounds)
@@ -142,12 +138,16 @@ def _gemm_engine_for(threads: int, forced: str | None) -> str:
     key, description = record_key({"linears": "cvt-13 at batch 4"}, threads)
     record = read_record(key) or {}
     if not isinstance(record.get("gemm_seconds"), dict) or set(record["gemm_seconds"]) != set(GEMM_ENGINES):
-        logger.info("fast path: timing MKL against oneDNN once for this CPU and %d threads (about a second)", threads)
+        logger.info("fast path: timing MKL against oneDNN once for this CPU and %d threads (seconds)", threads)
         record = {"gemm_seconds": time_gemm_engines()}
-        try:
-            update_record(key, description, record)
-        except OSError as error:  # a read-only or full cache: measure again next time, run now
-            logger.warning("fast path: could not store the GEMM measurement (%s)", error)
+        load = os.getloadavg()[0]
+        if load > (os.cpu_count() or 1):  # other work skewed it: use it now, measure again next time
+            logger.warning("fast path: the GEMM timing ran at load %.1f; not stored, the next process times again", load)
+        else:
+            try:
+                update_record(key, description, record)
+            except OSError as error:  # a read-only or full cache: measure again next time, run now
+                logger.warning("fast path: could not store the GEMM measurement (%s)", error)
     seconds = record["gemm_seconds"]
     engine = "onednn" if seconds["onednn"] < seconds["mkl"] else "mkl"  # a tie goes to MKL, PyTorch's default
     logger.info("fast path: linears on %s (%d threads: MKL %.0f ms, oneDNN %.0f ms for CvT-13's linears)",
@@ -159,7 +159,7 @@ def gemm_engine() -> str:
     """``"onednn"`` or ``"mkl"``: the faster GEMM for fp32 linears here, at this thread count.
 
     ``$TORCHCVT_GEMM`` decides if set; else the measurement stored for this CPU, software and thread
-    count, made (about a second) the first time it is missing. Needs oneDNN: without it, ``"mkl"``.
+    count, made (seconds) the first time it is missing. Needs oneDNN: without it, ``"mkl"``.
     """
     forced = os.environ.get("TORCHCVT_GEMM") or None
     if forced is None and not onednn_available():

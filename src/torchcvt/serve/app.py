@@ -134,7 +134,7 @@ def create_app(settings: ServeSettings, service: ModelService | None = None) -> 
         batcher = DynamicBatcher(
             state.service.forward, max_batch_size=settings.max_batch_size, max_delay=settings.max_delay_ms / 1000,
             max_queue=settings.max_queue, max_wait=settings.max_wait_s, on_batch=lambda n, s: metrics.record_batch(n, s, throughput),
-            on_depth=metrics.QUEUE_DEPTH.set,
+            on_depth=metrics.QUEUE_DEPTH.set, on_shed=metrics.SHED.inc,
         )
         size = state.service.image_size
         await batcher.warm_up(torch.zeros(settings.max_batch_size, 3, size, size))
@@ -237,6 +237,10 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
                    for data, name in files]
         return torch.stack(tensors)
 
+    def deadline() -> float:
+        """When a request that starts now times out (``time.monotonic``, as the batcher keeps time)."""
+        return time.monotonic() + settings.timeout_s
+
     async def within_timeout(work):
         try:
             async with asyncio.timeout(settings.timeout_s):
@@ -280,13 +284,15 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
         k = protocol.top_k_of(request.parameters, service.num_classes)
         outputs = protocol.requested_outputs(request)
 
+        due = deadline()
+
         async def work() -> torch.Tensor:
             if tensor.name == protocol.PIXELS:
                 pixels = protocol.pixels_of(tensor, service.image_size, settings.max_queue)
             else:
                 files = protocol.encoded_images(tensor, settings.max_queue)
                 pixels = await decode(service, [(data, f"{protocol.IMAGE_BYTES}[{i}]") for i, data in enumerate(files)])
-            return await state.batcher.submit(pixels)
+            return await state.batcher.submit(pixels, due)
 
         probabilities = await within_timeout(work())
         return protocol.InferenceResponse(model_name=name, id=request.id,
@@ -298,12 +304,13 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
     async def predict(request: Request, top_k: Annotated[int, Query(ge=1, description="classes per image")] = 5):
         """Classify images; the answer is `cvt predict --format json`'s lines as a JSON list."""
         service = state.service
+        due = deadline()
         files = await _uploaded_files(request, settings.max_queue)
-        rows = service.top_k(await within_timeout(_classify_files(files)), top_k)
+        rows = service.top_k(await within_timeout(_classify_files(files, due)), top_k)
         return [{"path": name, "top_k": row} for (_, name), row in zip(files, rows)]
 
-    async def _classify_files(files):
-        return await state.batcher.submit(await decode(state.service, files))
+    async def _classify_files(files, due: float):
+        return await state.batcher.submit(await decode(state.service, files), due)
 
     @app.post("/attention", tags=["plain"], response_class=Response,
               responses={200: {"content": {"image/png": {}}}, **{c: {"model": protocol.ErrorResponse} for c in (400, 409)}},

@@ -12,6 +12,12 @@ answers with 503 and ``Retry-After``), so memory stays bounded however many clie
 slow model sheds load with a 503 rather than accepting requests it would answer only after their
 timeout. A request that stops waiting (its timeout, a closed connection) leaves
 its images in the queue marked cancelled; they are dropped when a batch is assembled.
+
+Admission guesses; the queue checks again. A request may carry a ``deadline`` (its timeout, on
+``time.monotonic``); when a batch is assembled, an image whose deadline falls before the batch could
+end (at the recent speed) is refused with ``QueueFull`` too, before any compute is spent on it: on a
+machine that slowed down after admission, the requests that can no longer be answered in time get a
+503 to retry instead of a 504 after their timeout, and the batch's time goes to those that still can.
 """
 
 from __future__ import annotations
@@ -39,13 +45,15 @@ class QueueFull(Exception):
 class _Item:
     pixels: torch.Tensor  # [3, S, S]
     future: asyncio.Future
+    deadline: float = math.inf  # time.monotonic() by which the request wants its answer
     arrived: float = field(default_factory=time.monotonic)
 
 
 class DynamicBatcher:
     """Batches ``[3, S, S]`` images for ``run_batch([B, 3, S, S]) -> [B, ...]`` (called on one thread).
 
-    ``on_batch(size, seconds)`` and ``on_depth(queued)`` report to the metrics.
+    ``on_batch(size, seconds)``, ``on_depth(queued)`` and ``on_shed()`` (an image refused at batch time)
+    report to the metrics.
     """
 
     def __init__(
@@ -58,11 +66,12 @@ class DynamicBatcher:
         max_wait: float = math.inf,
         on_batch: Callable[[int, float], None] = lambda size, seconds: None,
         on_depth: Callable[[int], None] = lambda queued: None,
+        on_shed: Callable[[], None] = lambda: None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size, self.max_delay, self.max_queue = max_batch_size, max_delay, max_queue
         self.max_wait = max_wait
-        self.on_batch, self.on_depth = on_batch, on_depth
+        self.on_batch, self.on_depth, self.on_shed = on_batch, on_depth, on_shed
         # One thread runs the model: batches never compete with each other for the cores.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cvt-model")
         self._items: deque[_Item] = deque()
@@ -88,13 +97,17 @@ class DynamicBatcher:
         self._items.clear()
         self.executor.shutdown(wait=True)
 
-    async def submit(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Queue a ``[n, 3, S, S]`` request and wait for its ``[n, ...]`` outputs, in order."""
+    async def submit(self, pixels: torch.Tensor, deadline: float = math.inf) -> torch.Tensor:
+        """Queue a ``[n, 3, S, S]`` request and wait for its ``[n, ...]`` outputs, in order.
+
+        ``deadline`` (``time.monotonic()``): refuse the images (``QueueFull``) rather than start them
+        in a batch that would end after it.
+        """
         n = pixels.shape[0]
         if self.queued + n > self.max_queue or self.expected_wait(n) > self.max_wait:
             raise QueueFull(self.retry_after())
         loop = asyncio.get_running_loop()
-        items = [_Item(image, loop.create_future()) for image in pixels]
+        items = [_Item(image, loop.create_future(), deadline) for image in pixels]
         self._items.extend(items)
         self.on_depth(self.queued)
         self._wakeup.set()
@@ -162,9 +175,16 @@ class DynamicBatcher:
             except TimeoutError:
                 break
         batch = []
+        # A full batch at the recent speed (0 before any ran): an image due before it ends is refused now.
+        ends = time.monotonic() + (self.max_batch_size / self._images_per_second if self._images_per_second else 0.0)
         while self._items and len(batch) < self.max_batch_size:
             item = self._items.popleft()
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if item.deadline < ends:
+                item.future.set_exception(QueueFull(self.retry_after()))
+                self.on_shed()
+            else:
                 batch.append(item)
         self.on_depth(self.queued)
         return batch

@@ -34,6 +34,7 @@ BATCH_SECONDS = Histogram(
 )
 QUEUE_DEPTH = Gauge("cvt_queue_depth", "Images waiting for the model", multiprocess_mode="livesum")
 IMAGES = Counter("cvt_images", "Images classified")
+SHED = Counter("cvt_shed_images", "Images refused (503) when their batch was assembled: their deadline would have passed")
 IMAGES_PER_SECOND = Gauge(
     "cvt_images_per_second", f"Images classified per second over the last {RATE_WINDOW:g} s", multiprocess_mode="livesum"
 )
