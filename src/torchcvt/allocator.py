@@ -1,7 +1,8 @@
 """How this process's C allocator treats freed memory: ``retain_freed_memory()``.
 
 Its own module because it is process-wide: the model code never calls it; ``optimize_for_inference``,
-``cvt train`` and ``cvt bench`` do, and nothing does on import.
+``Classifier`` (so ``cvt predict``, ``cvt eval`` and ``cvt serve``), ``cvt train`` and ``cvt bench`` do,
+and nothing does on import.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def retain_freed_memory() -> bool:
     page faults and 1.7 s of system time (3.2 s in all; 2.1 s with this), on an AVX2 Zen 3
     (docs/performance.md). With this, large blocks come from the heap and the heap is not trimmed:
     the process keeps its peak memory, as ONNX Runtime's arena does. Process-wide, so it is applied by
-    ``optimize_for_inference`` and torchcvt's commands, never on import. ``$TORCHCVT_RETAIN_MEMORY=0``
+    the inference entry points and torchcvt's commands, never on import. ``$TORCHCVT_RETAIN_MEMORY=0``
     turns it off; without glibc (musl, macOS, Windows) it does nothing.
     """
     if sys.platform != "linux" or os.environ.get("TORCHCVT_RETAIN_MEMORY") == "0":

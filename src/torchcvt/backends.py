@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 from .config import CvTConfig
+from .allocator import retain_freed_memory
 from .errors import ConfigError
 from .export import export_onnx, min_dynamic_side
-from .allocator import retain_freed_memory
 from .fastpath import fuse_for_inference
 from .fileio import atomic_save
 from .machine import (BF16_FLAGS, INT8_FLAGS, cache_dir, cpu_info, measurements_path, median_ratio, read_record,
@@ -52,7 +52,7 @@ logger = logging.getLogger("torchcvt")
 BACKENDS = ("auto", "eager", "onnxruntime")
 PRECISIONS = ("float32", "bfloat16", "int8")
 MEASURED_BATCHES = (1, 8)
-EAGER_REVISION = 2  # 2: linears on the GEMM measured faster, freed memory retained (fastpath.py)
+EAGER_REVISION = 2  # 2: linears on the GEMM measured faster, freed memory retained (fastpath.py, allocator.py)
 
 # What reduced precision measured on a CPU without the instructions for it (docs/performance.md, `cvt bench`):
 # quoted when such a CPU asks for it and nothing was measured on the machine itself.

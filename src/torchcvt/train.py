@@ -32,11 +32,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from . import augment
+from .allocator import retain_freed_memory
 from .checkpoint import save_pretrained
 from .datasets import DataSplits, build_datasets
 from .distributed import Dist, convert_batchnorm, setup_device
 from .errors import ConfigError, DataError, TorchCvTError
-from .allocator import retain_freed_memory
 from .evaluate import evaluate
 from .model import CvT
 from .modelcard import write_model_card
