@@ -264,7 +264,7 @@ def test_gemm_engine_is_measured_once_per_machine_and_can_be_forced(monkeypatch,
     """Without $TORCHCVT_GEMM the faster engine of a stored measurement is used; it is measured once, then read."""
     monkeypatch.delenv("TORCHCVT_GEMM")
     monkeypatch.setenv("TORCHCVT_CACHE", str(tmp_path))
-    fastpath._gemm_engine_for.cache_clear()
+    fastpath._measured_gemm_engine.cache_clear()
     monkeypatch.setattr(fastpath, "onednn_available", lambda: True)
     monkeypatch.setattr(fastpath.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine: the timing is stored
     measured = fastpath.time_gemm_engines(rounds=1)  # the real timing, once: both engines, seconds > 0
@@ -272,10 +272,10 @@ def test_gemm_engine_is_measured_once_per_machine_and_can_be_forced(monkeypatch,
     calls = []
     for fake, expected in (({"mkl": 0.2, "onednn": 0.1}, "onednn"), ({"mkl": 0.1, "onednn": 0.2}, "mkl")):
         (tmp_path / "measurements.json").unlink(missing_ok=True)
-        fastpath._gemm_engine_for.cache_clear()
+        fastpath._measured_gemm_engine.cache_clear()
         monkeypatch.setattr(fastpath, "time_gemm_engines", lambda fake=fake: calls.append(fake) or fake)
         assert fastpath.gemm_engine() == expected
-        fastpath._gemm_engine_for.cache_clear()
+        fastpath._measured_gemm_engine.cache_clear()
         assert fastpath.gemm_engine() == expected  # from the record: not timed again
         assert len(calls) == 1 and "gemm_seconds" in (tmp_path / "measurements.json").read_text()
         calls.clear()
@@ -283,16 +283,16 @@ def test_gemm_engine_is_measured_once_per_machine_and_can_be_forced(monkeypatch,
     monkeypatch.setattr(fastpath.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     monkeypatch.setattr(fastpath.os, "cpu_count", lambda: 2)
     (tmp_path / "measurements.json").unlink()
-    fastpath._gemm_engine_for.cache_clear()
+    fastpath._measured_gemm_engine.cache_clear()
     assert fastpath.gemm_engine() == "mkl" and len(calls) == 1 and not (tmp_path / "measurements.json").exists()
-    fastpath._gemm_engine_for.cache_clear()
+    fastpath._measured_gemm_engine.cache_clear()
     assert fastpath.gemm_engine() == "mkl" and len(calls) == 2
     monkeypatch.setenv("TORCHCVT_GEMM", "onednn")
     assert fastpath.gemm_engine() == "onednn"
     monkeypatch.setenv("TORCHCVT_GEMM", "blas")
     with pytest.raises(torchcvt.ConfigError, match="TORCHCVT_GEMM='blas': expected one of onednn, mkl"):
         fastpath.gemm_engine()
-    fastpath._gemm_engine_for.cache_clear()
+    fastpath._measured_gemm_engine.cache_clear()
 
 
 def test_mkl_engine_gives_the_same_numbers(monkeypatch):
@@ -313,3 +313,13 @@ def test_mkl_engine_gives_the_same_numbers(monkeypatch):
         assert (fused(x) - reference).abs().max() < 1e-4
     with torch.inference_mode():
         assert (fused(x) - reference).abs().max() < 1e-4
+
+
+def test_a_bad_gemm_override_stops_a_command_before_it_writes(monkeypatch, tmp_path, capsys):
+    """`TORCHCVT_GEMM=blas cvt train` is one line naming the variable, and no run folder is made."""
+    from torchcvt.cli import main
+
+    monkeypatch.setenv("TORCHCVT_GEMM", "blas")
+    assert main(["train", "--epochs", "1", "--output", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip() == "error: TORCHCVT_GEMM='blas': expected one of onednn, mkl"
+    assert not (tmp_path / "run").exists()

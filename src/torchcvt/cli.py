@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from . import attention_maps, bench, embed, evaluate, export, hub, inference, train
 from .errors import TorchCvTError
+from .fastpath import gemm_override
 from .serve import command as serve
 from .version import __version__
 
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        gemm_override()  # a bad $TORCHCVT_GEMM stops here, before a command writes anything
         return int(COMMANDS[args.command].run(args) or 0)
     except (TorchCvTError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -129,12 +129,16 @@ def time_gemm_engines(rounds: int = 3) -> dict[str, float]:
     return {name: round(statistics.median(t), 5) for name, t in times.items()}
 
 
+def gemm_override() -> str | None:
+    """``$TORCHCVT_GEMM`` if set, else None; any other value than ``GEMM_ENGINES`` is a ConfigError."""
+    forced = os.environ.get("TORCHCVT_GEMM") or None
+    if forced is not None and forced not in GEMM_ENGINES:
+        raise ConfigError(f"TORCHCVT_GEMM={forced!r}: expected one of {', '.join(GEMM_ENGINES)}")
+    return forced
+
+
 @functools.cache
-def _gemm_engine_for(threads: int, forced: str | None) -> str:
-    if forced is not None:
-        if forced not in GEMM_ENGINES:
-            raise ConfigError(f"TORCHCVT_GEMM={forced!r}: expected one of {', '.join(GEMM_ENGINES)}")
-        return forced
+def _measured_gemm_engine(threads: int) -> str:
     key, description = record_key({"linears": "cvt-13 at batch 4"}, threads)
     record = read_record(key) or {}
     if not isinstance(record.get("gemm_seconds"), dict) or set(record["gemm_seconds"]) != set(GEMM_ENGINES):
@@ -156,15 +160,11 @@ def _gemm_engine_for(threads: int, forced: str | None) -> str:
 
 
 def gemm_engine() -> str:
-    """``"onednn"`` or ``"mkl"``: the faster GEMM for fp32 linears here, at this thread count.
-
-    ``$TORCHCVT_GEMM`` decides if set; else the measurement stored for this CPU, software and thread
-    count, made (seconds) the first time it is missing. Needs oneDNN: without it, ``"mkl"``.
-    """
-    forced = os.environ.get("TORCHCVT_GEMM") or None
-    if forced is None and not onednn_available():
-        return "mkl"
-    return _gemm_engine_for(torch.get_num_threads(), forced)
+    """``"onednn"`` or ``"mkl"``: ``$TORCHCVT_GEMM``, else the faster measured for this CPU and thread count."""
+    forced = gemm_override()
+    if forced is not None or not onednn_available():
+        return forced or "mkl"
+    return _measured_gemm_engine(torch.get_num_threads())
 
 
 def onednn_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
