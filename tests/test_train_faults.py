@@ -250,8 +250,10 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(finished_run, capsys):
 def test_overwrite_deletes_only_the_files_of_the_run(finished_run, capsys):
     (finished_run / "notes.txt").write_text("mine")
     (finished_run / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint of a killed writer")
+    (finished_run / "tensorboard").mkdir()  # the old run's events: drawn with the new run's if they stayed
+    (finished_run / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"old events")
     assert cli.main(["train", "--epochs", "1", "--max-steps", "1", "--overwrite", "--output", str(finished_run)]) == 0
-    assert (finished_run / "notes.txt").read_text() == "mine"
+    assert (finished_run / "notes.txt").read_text() == "mine" and not (finished_run / "tensorboard").exists()
     assert not (finished_run / ".last.pt.x1y2.tmp").exists()
     assert torch.load(finished_run / "last.pt", weights_only=True)["step"] == 1  # the new run's (the old one had 2)
     assert cli.main(["train", "--resume", "--overwrite", "--output", str(finished_run)]) == 1

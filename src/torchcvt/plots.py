@@ -47,8 +47,8 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
         loss_ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3, label=label)
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
     for key, label in (("train_top1", "train top-1"), ("val_top1", "val top-1"), ("val_top5", "val top-5")):
-        if history and key not in history[0]:
-            continue  # top-5 of 5 classes or fewer: always 100 %, not recorded
+        if not all(key in row for row in history):
+            continue  # top-5 of 5 classes or fewer: always 100 %, not recorded (nor in a run's rows from before it was)
         acc_ax.plot(epochs, [100 * row[key] for row in history], marker="o", markersize=3, label=label)
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     if history:

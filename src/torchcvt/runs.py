@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -43,7 +44,8 @@ except ImportError:  # Windows: no flock; runs are not locked there
 LOCK_FILE = ".lock"
 # What a run writes in its folder: what makes a folder "hold a run", and all that --overwrite deletes.
 RUN_FILES = ("last.pt", "best.pt", "train_config.json", "metrics.jsonl", "metrics.csv",
-             "learning_curves.png", "config.json", "model.safetensors", "preprocessor_config.json")
+             "learning_curves.png", "config.json", "model.safetensors", "preprocessor_config.json",
+             "tensorboard")  # a folder (--tensorboard): a new run's events would be drawn with the old run's
 OPTION = "--output"
 
 
@@ -150,7 +152,8 @@ class RunFolder:
                                  "or delete it and start over with --overwrite")
         elif found and delete:
             for name in found:
-                (self.path / name).unlink()
+                path = self.path / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         if delete:  # the lock is ours: a temporary file of a run file belongs to a writer that was killed
             stale = re.compile(r"\.(%s)\..*\.tmp" % "|".join(re.escape(name) for name in RUN_FILES))
             for tmp in self.path.iterdir():

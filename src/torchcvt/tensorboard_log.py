@@ -14,6 +14,7 @@ step (``purge_step``), so the curves show no doubled steps.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,14 @@ from .transforms import denormalize
 _MAX_IMAGES = 32  # images in the grid of augmented inputs
 
 
+def require_tensorboard() -> None:
+    """A one-line ConfigError unless the tensorboard package is installed (``TrainConfig.validate`` asks
+    before the run folder is touched)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'torchcvt[tensorboard]' "
+                          "(or pip install tensorboard)")
+
+
 class TensorBoardLog:
     """An event-file writer in ``out/tensorboard`` (a context manager that closes it); ``enabled`` False:
     every method does nothing. ``resume_step``: the step a resumed run continues from."""
@@ -34,12 +43,9 @@ class TensorBoardLog:
         self.writer = None
         if not enabled:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'torchcvt[tensorboard]' "
-                              "(or pip install tensorboard)") from None
-        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=resume_step or None)
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)  # the checkpoint's own step was logged
         self.images_written = resume_step is not None and resume_step > 0
 
     def images(self, x: torch.Tensor, mean: Sequence[float], std: Sequence[float], step: int) -> None:
@@ -61,9 +67,10 @@ class TensorBoardLog:
                 self.writer.add_scalar(tag, row[key], row["step"])
         self.writer.flush()
 
-    def hparams(self, train_config: Any, history: list[dict[str, Any]]) -> None:
-        """The run's options (numbers, strings, booleans; None as "none") and its best and last val top-1."""
-        if self.writer is None or not history:
+    def hparams(self, train_config: Any, history: list[dict[str, Any]], finished: bool = True) -> None:
+        """The run's options (numbers, strings, booleans; None as "none") and its best and last val top-1:
+        once, when the run has ``finished`` (a stopped run writes them when its resumed run finishes)."""
+        if self.writer is None or not history or not finished:
             return
         values = {k: ("none" if v is None else ",".join(map(str, v)) if isinstance(v, tuple) else v)
                   for k, v in dataclasses.asdict(train_config).items()}

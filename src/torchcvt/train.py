@@ -166,7 +166,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 for micro, (x, y) in enumerate(loader):
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     # Mixup and drop path draw from streams of (seed, step, rank): resumable, not worker-bound.
-                    seed_everything(stream_seed(STEP, cfg.seed, p.step, d.rank))
+                    seed_everything(stream_seed(STEP, cfg.seed, p.step, d.rank), cuda=device.type == "cuda")
                     inputs, target = mixup(x, y) if mixup is not None else (x, y)
                     board.images(inputs, splits.mean, splits.std, p.step)  # once
                     sync = (micro + 1) % cfg.accum_steps == 0  # the last micro-batch of an optimizer step
@@ -185,7 +185,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                     if p.step % 10 == 0 or now.checkpoint:
                         # Host sync only here: the loss check and the progress bar every 10 steps.
                         _check_finite(meter.loss_sum, d, p, out)
-                        bar.set_postfix(loss=f"{meter.mean_loss():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                        bar.set_postfix(loss=f"{meter.mean_loss():.4f}", lr=f"{max(scheduler.get_last_lr()):.2e}")
                     if now.stop or (now.checkpoint and p.epoch_step < steps_per_epoch):
                         so_far = meter.totals(p.epoch_stats, d)
                         if d.main:
@@ -203,7 +203,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 evaluated = ema.module if ema is not None else net
                 val = evaluate(evaluated, val_loader, num_classes=splits.num_classes, device=device, amp_dtype=amp_dtype,
                                distributed=d.enabled, progress=d.main)
-                row = p.end_epoch(stats, val, lr=scheduler.get_last_lr()[0])
+                row = p.end_epoch(stats, val, lr=max(scheduler.get_last_lr()))  # the head's: --lr (layer decay scales the rest down)
                 board.epoch(row)
                 if d.main:
                     _save_epoch(out, p, row, evaluated, cfg, lambda: training_checkpoint(raw, ema, optimizer, scheduler, scaler, cfg, p))
@@ -211,7 +211,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 log(epoch_line(row, cfg.epochs, val.k))
                 if control.poll_stop():  # a signal during validation: stop at the epoch's checkpoint
                     break
-            board.hparams(cfg, p.history)
+            board.hparams(cfg, p.history, finished=not control.stopped)
 
         if control.stopped:
             d.close()

@@ -21,6 +21,7 @@ import torch
 from .errors import ConfigError
 from .options import check_options, default_help, option, show
 from .pretrained import preset_config, stated_image_size
+from .tensorboard_log import require_tensorboard
 
 # ------------------------------------------------------------------------------------------ config
 # What a recipe changes; the rest comes from TrainConfig's defaults, which are the digits recipe.
@@ -136,6 +137,8 @@ class TrainConfig:
             raise ConfigError(f"--device {self.device}: CUDA is not available; use --device cpu")
         if self.amp == "fp16" and (self.device == "cpu" or not torch.cuda.is_available()):
             raise ConfigError("--amp fp16 needs CUDA (it uses a gradient scaler); use --amp bf16 on the CPU")
+        if self.tensorboard:
+            require_tensorboard()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -271,7 +271,7 @@ def card_facts(cfg: Any, splits: DataSplits, history: list[dict[str, Any]]) -> d
     shown = ("recipe", "weights", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "mixup",
              "cutmix", "randaugment", "drop_path", "ema_decay", "freeze_backbone", "layer_decay", "early_stop",
              "balance_classes", "seed")
-    recipe = {k: getattr(cfg, k) for k in shown if getattr(cfg, k) not in (None, False)}
+    recipe = {k: getattr(cfg, k) for k in shown if getattr(cfg, k) is not None and getattr(cfg, k) is not False}  # 0 is shown
     return {"metrics": metrics, "data": data, "recipe": recipe}
 
 
