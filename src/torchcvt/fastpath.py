@@ -355,7 +355,7 @@ class FusedLinear(nn.Module):
             out = F.silu(out, inplace=in_place)
         if residual is None:
             return out
-        return out.add_(residual) if in_place else out + residual
+        return out.add_(residual) if in_place and out.dtype == residual.dtype else out + residual  # autocast: promote
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, activation={self.activation}"
