@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from torchcvt.bench import cpu_name, peak_memory_mib
+from torchcvt.bench import peak_memory_mib
+from torchcvt.machine import cpu_info
 from torchcvt.checkpoint import save_pretrained
 from torchcvt.pretrained import create_model
 
@@ -36,7 +37,7 @@ def main() -> None:
         save_pretrained(model, directory, model_card=False)
         size = model.config.image_size
         print(f"{args.model} at {size}x{size}, fp32, training step (AdamW), {args.threads} threads, torch {torch.__version__}, "
-              f"CPU: {cpu_name()}")
+              f"CPU: {cpu_info().describe()}")
         print("| batch | without | with checkpointing | ratio | step time without / with |")
         print("|---|---|---|---|---|")
         for batch in (int(b) for b in args.batches.split(",")):

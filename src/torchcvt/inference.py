@@ -151,9 +151,10 @@ class Classifier:
                 f"{crop}, device={self.device}, dtype={str(self.dtype).removeprefix('torch.')}, backend={self.backend}"
                 + (f", precision={self.precision})" if self.precision != "float32" else ")"))
 
-    def preprocess(self, image: ImageSource) -> torch.Tensor:
-        """The normalised float32 ``[3, H, W]`` tensor the model sees for ``image`` (path, PIL, array, tensor)."""
-        return preprocess(image, self.preprocess_config)
+    def preprocess(self, image: ImageSource, name: str | None = None) -> torch.Tensor:
+        """The normalised float32 ``[3, H, W]`` tensor the model sees for ``image`` (path, PIL, array, tensor,
+        encoded bytes; ``name``: what error messages call bytes)."""
+        return preprocess(image, self.preprocess_config, name)
 
     @torch.inference_mode()
     def predict_batch(self, pixels: torch.Tensor, top_k: int = 5) -> TopK:

@@ -260,9 +260,9 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None, name: str 
     )
 
 
-def preprocess(image: ImageSource, cfg: PreprocessConfig) -> torch.Tensor:
-    """One image as a normalised float32 ``[3, image_size, image_size]`` tensor."""
-    rgb = _resize_and_crop(load_image(image, max_pixels=cfg.max_pixels), cfg)
+def preprocess(image: ImageSource, cfg: PreprocessConfig, name: str | None = None) -> torch.Tensor:
+    """One image as a normalised float32 ``[3, image_size, image_size]`` tensor (``name``: for messages)."""
+    rgb = _resize_and_crop(load_image(image, max_pixels=cfg.max_pixels, name=name), cfg)
     pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
     # transformers rescales in float64 and then casts; doing the same keeps us bit-identical.
     x = pixels.to(torch.float64).mul_(_RESCALE_FACTOR).to(torch.float32)

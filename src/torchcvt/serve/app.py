@@ -180,8 +180,9 @@ def load_service(settings: ServeSettings) -> ModelService:
 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    classifier = Classifier(settings.weights, device=settings.device, backend=settings.backend, precision=settings.precision)
-    return ModelService(classifier, settings.name, max_pixels=settings.max_pixels)
+    classifier = Classifier(settings.weights, device=settings.device, backend=settings.backend, precision=settings.precision,
+                            max_pixels=settings.max_pixels)
+    return ModelService(classifier, settings.name)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -241,9 +242,10 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
         """When a request that starts now times out (``time.monotonic``, as the batcher keeps time)."""
         return time.monotonic() + settings.timeout_s
 
-    async def within_timeout(work):
+    async def within_timeout(work, due: float):
+        """``await work`` until ``due`` (from ``deadline()``, taken when the request started), else 504."""
         try:
-            async with asyncio.timeout(settings.timeout_s):
+            async with asyncio.timeout(max(0.0, due - time.monotonic())):
                 return await work
         except TimeoutError:
             raise RequestError(504, f"no answer within --timeout {settings.timeout_s:g} s; the server is overloaded") from None
@@ -294,7 +296,7 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
                 pixels = await decode(service, [(data, f"{protocol.IMAGE_BYTES}[{i}]") for i, data in enumerate(files)])
             return await state.batcher.submit(pixels, due)
 
-        probabilities = await within_timeout(work())
+        probabilities = await within_timeout(work(), due)
         return protocol.InferenceResponse(model_name=name, id=request.id,
                                           outputs=protocol.response_outputs(probabilities, service.labels, k, outputs))
 
@@ -306,11 +308,12 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
         service = state.service
         due = deadline()
         files = await _uploaded_files(request, settings.max_queue)
-        rows = service.top_k(await within_timeout(_classify_files(files, due)), top_k)
-        return [{"path": name, "top_k": row} for (_, name), row in zip(files, rows)]
 
-    async def _classify_files(files, due: float):
-        return await state.batcher.submit(await decode(state.service, files), due)
+        async def work() -> torch.Tensor:
+            return await state.batcher.submit(await decode(service, files), due)
+
+        rows = service.top_k(await within_timeout(work(), due), top_k)
+        return [{"path": name, "top_k": row} for (_, name), row in zip(files, rows)]
 
     @app.post("/attention", tags=["plain"], response_class=Response,
               responses={200: {"content": {"image/png": {}}}, **{c: {"model": protocol.ErrorResponse} for c in (400, 409)}},
@@ -321,13 +324,14 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
         if not service.has_attention:
             raise RequestError(409, "this model has no attention map to show: it needs a cls token in its last stage "
                                     "and more than one key position at its input size")
+        due = deadline()
         files = await _uploaded_files(request, 1)
 
         async def work() -> bytes:
             pixels = await decode(service, files)
             return await asyncio.get_running_loop().run_in_executor(state.batcher.executor, service.attention_png, pixels[0])
 
-        return Response(await within_timeout(work()), media_type="image/png")
+        return Response(await within_timeout(work(), due), media_type="image/png")
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def prometheus_metrics():

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if threads is None and args.workers > 1:
         threads = max(1, (os.cpu_count() or 1) // args.workers)
     settings = ServeSettings(
-        weights=args.weights, name=args.name or model_name_for(args.weights), backend=args.backend or "eager",
+        weights=args.weights, name=args.name or model_name_for(args.weights), backend=args.backend,
         precision=args.precision, device=args.device,
         max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
         timeout_s=args.timeout, max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, threads=threads,

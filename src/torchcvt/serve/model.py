@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..attention_maps import cls_attention, overlay, upsample
 from ..inference import Classifier
-from ..transforms import denormalize, load_image
+from ..transforms import denormalize
 
 # 50 Mpx: above a phone camera's default photo (12-50 Mpx), below Pillow's 89 Mpx decompression-bomb
 # warning; one such RGB image is 150 MB decoded, so the limit also bounds the decoders' memory.
@@ -38,10 +38,9 @@ def model_name_for(source: str) -> str:
 class ModelService:
     """One model behind the server: name, labels, input size, and the three steps of a request."""
 
-    def __init__(self, classifier: Classifier, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, classifier: Classifier, name: str) -> None:
         self.classifier = classifier
         self.name = name
-        self.max_pixels = max_pixels
         self.labels = classifier.labels
         self.image_size = classifier.preprocess_config.image_size
         self.has_attention = self._attention_grid() not in (None, (1, 1))
@@ -63,8 +62,9 @@ class ModelService:
         return self.classifier.backend
 
     def decode(self, data: bytes, name: str) -> torch.Tensor:
-        """An encoded image file -> the normalised float32 ``[3, S, S]`` tensor the model sees."""
-        return self.classifier.preprocess(load_image(data, max_pixels=self.max_pixels, name=name))
+        """An encoded image file -> the normalised float32 ``[3, S, S]`` tensor the model sees: decoded once,
+        after its header was checked against the classifier's ``max_pixels`` (``--max-pixels``)."""
+        return self.classifier.preprocess(data, name)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ SETTINGS_VARIABLE = "TORCHCVT_SERVE_SETTINGS"
 class ServeSettings:
     weights: str
     name: str
-    backend: str = "eager"
+    backend: str | None = None  # None: what the precision runs on (eager; onnxruntime for int8)
     precision: str = "float32"
     device: str | None = None
     max_batch_size: int = 8
