@@ -22,6 +22,7 @@ def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCHCVT_CACHE", str(root))
+        mp.setattr(machine.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine: measurements are stored
         yield root / "onnx"
 
 
@@ -299,3 +300,17 @@ def test_bench_has_onnxruntime_rows_and_the_cpu(cache):
     table = report.table()
     assert f"CPU: {cpu_info().describe()}" in table and "attainable (the faster)" in table
     assert "default optimize_for_inference(model): backend auto -> " in table
+
+
+def test_a_measurement_is_not_stored_under_load_or_in_a_read_only_cache(tmp_path, monkeypatch, caplog):
+    """update_record stores a record only when it can trust and write it; it never raises for either."""
+    monkeypatch.setenv("TORCHCVT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (7.5, 7.0, 6.0))
+    assert update_record("k", {"what": "test"}, {"x": 1}) is False and not machine.measurements_path().exists()
+    assert "measured at load 7.5 on 2 cores: not stored" in caplog.text
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert update_record("k", {"what": "test"}, {"x": 1}) is True and read_record("k")["x"] == 1
+    (tmp_path / "a-file").write_text("not a folder")  # a cache that cannot be written, even by root
+    monkeypatch.setenv("TORCHCVT_CACHE", str(tmp_path / "a-file" / "cache"))
+    assert update_record("k", {"what": "test"}, {"x": 2}) is False and "could not store the measurement" in caplog.text

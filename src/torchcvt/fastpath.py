@@ -144,14 +144,7 @@ def _measured_gemm_engine(threads: int) -> str:
     if not isinstance(record.get("gemm_seconds"), dict) or set(record["gemm_seconds"]) != set(GEMM_ENGINES):
         logger.info("fast path: timing MKL against oneDNN once for this CPU and %d threads (seconds)", threads)
         record = {"gemm_seconds": time_gemm_engines()}
-        load = os.getloadavg()[0]
-        if load > (os.cpu_count() or 1):  # other work skewed it: use it now, measure again next time
-            logger.warning("fast path: the GEMM timing ran at load %.1f; not stored, the next process times again", load)
-        else:
-            try:
-                update_record(key, description, record)
-            except OSError as error:  # a read-only or full cache: measure again next time, run now
-                logger.warning("fast path: could not store the GEMM measurement (%s)", error)
+        update_record(key, description, record)  # not under load, nor in a read-only cache: used now either way
     seconds = record["gemm_seconds"]
     engine = "onednn" if seconds["onednn"] < seconds["mkl"] else "mkl"  # a tie goes to MKL, PyTorch's default
     logger.info("fast path: linears on %s (%d threads: MKL %.0f ms, oneDNN %.0f ms for CvT-13's linears)",

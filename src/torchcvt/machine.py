@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -27,8 +28,11 @@ from typing import Any
 
 import torch
 
+from .errors import TorchCvTError
 from .fileio import atomic_save
 from .version import __version__
+
+logger = logging.getLogger("torchcvt")
 
 # Flags that decide which fp32 / int8 / bf16 kernels a CPU runs fast, in the order they are printed.
 KNOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -158,8 +162,17 @@ def read_record(key: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def update_record(key: str, description: dict[str, Any], results: dict[str, Any]) -> None:
-    """Merge ``results`` into the record under ``key`` (written atomically, with the date and load)."""
+def update_record(key: str, description: dict[str, Any], results: dict[str, Any]) -> bool:
+    """Merge ``results`` into the record under ``key`` (written atomically, with the date and load); True if stored.
+
+    Not stored, with a warning, when other work skewed the timing (the 1-minute load average was above
+    the core count: the next process measures again) or the cache cannot be written (read-only, full):
+    the caller uses its measurement either way.
+    """
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > (os.cpu_count() or 1):
+        logger.warning("measured at load %.1f on %d cores: not stored, the next process measures again", load, os.cpu_count() or 1)
+        return False
     path = measurements_path()
     try:
         records = json.loads(path.read_text())
@@ -171,5 +184,9 @@ def update_record(key: str, description: dict[str, Any], results: dict[str, Any]
     record["measured"] = time.strftime("%Y-%m-%d %H:%M")
     record["load_average"] = load_average()
     records[key] = record
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1, sort_keys=True)), path)
+    try:
+        atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1, sort_keys=True)), path)
+    except (OSError, TorchCvTError) as error:
+        logger.warning("could not store the measurement in %s (%s): the next process measures again", path, error)
+        return False
+    return True
