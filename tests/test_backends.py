@@ -3,6 +3,9 @@ cache, threads, the "auto" choice and its per-machine record, reduced precision 
 
 from __future__ import annotations
 
+import statistics
+import sys
+
 import pytest
 import torch
 
@@ -98,8 +101,9 @@ def test_weights_hash_sees_every_tensor():
 def test_session_threads_and_no_spinning(cache):
     runner = optimize_for_inference(_model(64), "onnxruntime", threads=2)
     options = next(iter(runner._sessions.values())).get_session_options()
-    assert options.intra_op_num_threads == 2
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
 
 
 def test_classifier_backends_agree(cache, tmp_path):
@@ -172,14 +176,63 @@ def _ratios(**by_name):
 
     def measure(candidates, reference, image_size, batches=(1, 8)):
         asked.append(sorted(candidates))
+        measure.threads.append(torch.get_num_threads())
         return {name: by_name[name] for name in candidates if name != reference}
 
+    measure.threads = []  # torch's thread count during each timing
     return measure, asked
+
+
+def test_auto_times_eager_at_the_thread_count_of_onnxruntime(cache, monkeypatch):
+    model = _model(64)
+    measure, asked = _ratios(onnxruntime={"1": 0.9, "8": 0.8})
+    monkeypatch.setattr(backends, "measure_speedups", measure)
+    before = torch.get_num_threads()
+    runner = optimize_for_inference(model, threads=before + 2)
+    assert isinstance(runner, torchcvt.CvT) and asked == [["eager", "onnxruntime"]]
+    assert measure.threads == [before + 2] and torch.get_num_threads() == before  # set for the timing, then restored
+
+
+def test_record_key_names_every_layout_field_and_the_gemm_engine(monkeypatch):
+    def key(eager=True, onnxruntime=True, **changes):
+        return backends.measurement_key(torchcvt.CvTConfig(**changes), 1, eager=eager, onnxruntime=onnxruntime)[0]
+
+    base, ort_only = key(), key(eager=False)
+    # Fields that change what is computed at inference change the key...
+    for changes in (dict(patch_padding=(3, 1, 1)), dict(padding_q=(0, 1, 1)), dict(padding_kv=(1, 0, 1)),
+                    dict(qkv_bias=(True, False, True)), dict(global_pool="avg"), dict(hidden_act="gelu"), dict(image_size=384)):
+        assert key(**changes) != base, changes
+    # ...dropout, drop path (off in eval), the LayerNorm epsilon and label names do not.
+    assert key(drop_path_rate=(0.0, 0.0, 0.3), attention_drop_rate=(0.1, 0.1, 0.1), layer_norm_eps=1e-6,
+               id2label={i: str(i) for i in range(1000)}) == base
+    # The GEMM the eager path's linears run on is part of eager records only.
+    monkeypatch.setenv("TORCHCVT_GEMM", "mkl")
+    assert key() != base and key(eager=False) == ort_only
+    description = backends.measurement_key(torchcvt.CvTConfig(), 1, eager=True, onnxruntime=False)[1]
+    assert description["layout"]["gemm"] == "mkl" and description["layout"]["revision"] == backends.RECORD_REVISION
+    assert "onnxruntime" not in description
+
+
+def test_record_key_imports_onnxruntime_only_when_it_is_timed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # any import of it now raises ImportError
+    monkeypatch.setattr(machine, "onnxruntime_version", lambda: pytest.fail("onnxruntime looked up for a key without it"))
+    key, description = machine.record_key({"linears": "cvt-13 at batch 4"}, 1)  # the GEMM choice's key
+    assert "onnxruntime" not in description and description["threads"] == 1
+    monkeypatch.setattr(machine, "onnxruntime_version", lambda: "1.0")
+    other, description = machine.record_key({"linears": "cvt-13 at batch 4"}, 1, onnxruntime=True)
+    assert description["onnxruntime"] == "1.0" and other != key
+
+
+def test_cpu_info_is_read_once_per_process(monkeypatch):
+    first = cpu_info()
+    monkeypatch.setattr(machine.Path, "read_text", lambda self: pytest.fail(f"{self} read again"))
+    assert cpu_info() is first
+    assert cpu_info(ZEN3).name == "AMD EPYC 7R13 Processor"  # text passed in is still parsed
 
 
 def test_auto_measures_once_then_reads_the_record(cache, monkeypatch):
     model = _model(64)  # the weights test_onnxruntime_matches_eager exported: no new export
-    key, _ = backends.auto_record_key(model.config, 1)
+    key, _ = backends.measurement_key(model.config, 1, eager=True, onnxruntime=True)
     measure, asked = _ratios(onnxruntime={"1": 1.5, "8": 1.1})
     monkeypatch.setattr(backends, "measure_speedups", measure)
     runner = optimize_for_inference(model, threads=1)
@@ -199,9 +252,9 @@ def test_auto_measures_once_then_reads_the_record(cache, monkeypatch):
 def test_auto_measurement_times_both_backends(cache):
     model = _model(64)
     runner = optimize_for_inference(model, threads=2)  # another record than the test above
-    record = read_record(backends.auto_record_key(model.config, 2)[0])
+    record = read_record(backends.measurement_key(model.config, 2, eager=True, onnxruntime=True)[0])
     assert set(record["onnxruntime"]) == {"1", "8"} and all(r > 0 for r in record["onnxruntime"].values())
-    expected = OnnxRuntimeModel if backends._geometric_mean(record["onnxruntime"]) > 1 else torchcvt.CvT
+    expected = OnnxRuntimeModel if statistics.geometric_mean(record["onnxruntime"].values()) > 1 else torchcvt.CvT
     assert isinstance(runner, expected)
 
 
@@ -234,6 +287,15 @@ def test_reduced_precision_offered_where_it_measures_faster(cache, monkeypatch):
         optimize_for_inference(model, precision="bfloat16", threads=1)
     assert asked == [["float32", "int8"], ["bfloat16", "float32"]]
     optimize_for_inference(model, precision="int8", threads=1)  # read from the record: not timed again
+    assert len(asked) == 2
+
+    def build(*args, **kwargs):
+        raise AssertionError("a runner built for a precision the record refuses")
+
+    monkeypatch.setattr(backends, "OnnxRuntimeModel", build)
+    monkeypatch.setattr(backends, "fuse_for_inference", build)
+    with pytest.raises(ConfigError, match=r"^bfloat16 is slower than float32 on this CPU .*: 0.90x at batch 1, 1.40x at batch 8 measured 2"):
+        optimize_for_inference(model, precision="bfloat16", threads=1)  # the stored verdict, read before anything is built
     assert len(asked) == 2
     with pytest.raises(ConfigError, match="int8 runs on the onnxruntime backend"):
         optimize_for_inference(model, "eager", precision="int8")

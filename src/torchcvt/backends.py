@@ -10,27 +10,31 @@
   Runtime's CPU provider. The file is cached per weights, under a content hash of the config and every
   tensor (``cache_dir() / "onnx"``), so the export cost (20-60 s for CvT-13 on 2 cores) is paid by the
   first call for those weights only. Intra-op threads follow ``torch.get_num_threads()``; spinning is
-  off, so ONNX Runtime's idle threads do not steal the CPU from torch or from other work in the process.
+  off, so ONNX Runtime's idle threads do not steal the CPU from torch or from other work in the process
+  (``onnxruntime_session``: the benchmarks open their sessions with it too).
 * ``"auto"`` (the default): eager where ONNX Runtime cannot run (not installed, not the CPU, not
   float32); otherwise the backend measured faster on this machine for this layout. The first call per
-  (CPU, software versions, threads, layout) times both alternately at batch 1 and 8 (seconds, after
-  the export) and stores the result in ``cache_dir() / "measurements.json"`` (``machine.py``); later
-  calls read it. One log line says which backend and why.
+  (CPU, software versions, threads, layout, the fast path's GEMM engine) times both alternately at
+  batch 1 and 8, both at ``threads`` (seconds, after the export), and stores the result in
+  ``cache_dir() / "measurements.json"`` (``machine.py``); later calls read it. One log line says
+  which backend and why.
 
 ``precision``: ``"float32"`` (default), ``"int8"`` (ONNX Runtime's dynamic quantization: int8
 weights, activations quantized per call) or ``"bfloat16"`` (eager under CPU autocast). Reduced
 precision is offered only where it is faster: the CPU must have the instructions for it
 (``machine.INT8_FLAGS``, ``machine.BF16_FLAGS``) and a measurement on this machine must show it
 faster than float32 at batch 1 and 8; elsewhere a one-line ``ConfigError`` says why, with the figure.
+A stored verdict is read before anything is built: a refusal costs no export or quantization.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
-import math
 import os
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,9 +45,10 @@ from .allocator import retain_freed_memory
 from .errors import ConfigError
 from .export import export_onnx, min_dynamic_side
 from .fastpath import fuse_for_inference
+from .fastpath import gemm_engine
 from .fileio import atomic_save
 from .machine import (BF16_FLAGS, INT8_FLAGS, cache_dir, cpu_info, measurements_path, median_ratio, read_record,
-                      record_key, time_alternating, update_record)
+                      record_key, time_alternating, torch_threads, update_record)
 from .model import CvT
 from .version import __version__
 
@@ -53,6 +58,9 @@ BACKENDS = ("auto", "eager", "onnxruntime")
 PRECISIONS = ("float32", "bfloat16", "int8")
 MEASURED_BATCHES = (1, 8)
 EAGER_REVISION = 2  # 2: linears on the GEMM measured faster, freed memory retained (fastpath.py, allocator.py)
+# 3: the layout names every field that changes compute (padding, qkv_bias, global_pool), eager records name the
+# GEMM engine, eager and ONNX Runtime are timed at the same thread count, int8 and bfloat16 have records of their own.
+RECORD_REVISION = 3
 
 # What reduced precision measured on a CPU without the instructions for it (docs/performance.md, `cvt bench`):
 # quoted when such a CPU asks for it and nothing was measured on the machine itself.
@@ -119,6 +127,22 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def onnxruntime_session(path: str | os.PathLike, threads: int):
+    """An ONNX Runtime CPU session on ``path``: ``threads`` intra-op threads, one inter-op thread, spinning off.
+
+    Without spinning, idle ONNX Runtime threads sleep instead of busy-waiting for the next op, so they
+    do not take the CPU from torch or other work in the process (``cvt serve`` runs both).
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def _quantize_int8(source: Path, target: Path) -> None:
     """ONNX Runtime's dynamic int8 quantization of ``source`` (weights int8, activations quantized per call)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -155,8 +179,6 @@ class OnnxRuntimeModel:
         self._session(self.config.image_size, self.config.image_size)  # export (or find) now, not at the first call
 
     def _session(self, height: int, width: int):
-        import onnxruntime
-
         key = None if self._dynamic_hw else (height, width)
         if key in self._sessions:
             return self._sessions[key]
@@ -173,12 +195,7 @@ class OnnxRuntimeModel:
             source, path = path, path.with_name(path.stem + "-int8.onnx")
             if not path.is_file():
                 _quantize_int8(source, path)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = self._threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(path, self._threads)
         self._sessions[key] = session
         self.path = path
         return session
@@ -212,11 +229,29 @@ class AutocastModel:
 
 
 # ------------------------------------------------------------------------ measuring on this machine
+# Config fields that change no computation at inference: dropout and drop path are off in eval mode, the
+# epsilon's value costs nothing, label names are names. Every other field (new ones too) is in the layout.
+NOT_LAYOUT = ("attention_drop_rate", "drop_rate", "drop_path_rate", "layer_norm_eps", "id2label")
+
+
 def layout_of(config: CvTConfig) -> dict:
     """The fields of a config that decide its speed (not its weights or label names), for measurement records."""
-    fields = ("num_channels", "patch_sizes", "patch_stride", "embed_dim", "num_heads", "depth", "mlp_ratio", "cls_token",
-              "qkv_projection_method", "kernel_qkv", "stride_kv", "stride_q", "num_classes", "image_size", "hidden_act")
-    return {f: list(v) if isinstance(v := getattr(config, f), tuple) else v for f in fields}
+    return {f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v
+            for f in dataclasses.fields(config) if f.name not in NOT_LAYOUT}
+
+
+def measurement_key(config: CvTConfig, threads: int, *, eager: bool, onnxruntime: bool) -> tuple[str, dict]:
+    """``(key, description)`` of a record measuring ``config``'s layout at ``threads`` threads.
+
+    ``eager``: the eager path is timed, so the key names its revision and the GEMM engine its linears
+    run on at that thread count (``fastpath.gemm_engine()``); ``onnxruntime``: ONNX Runtime is timed,
+    so the key names its version. ``RECORD_REVISION`` makes records of older torchcvt versions measured again.
+    """
+    layout = {**layout_of(config), "revision": RECORD_REVISION}
+    if eager:
+        with torch_threads(threads):
+            layout |= {"eager": EAGER_REVISION, "gemm": gemm_engine()}
+    return record_key(layout, threads, onnxruntime=onnxruntime)
 
 
 def measure_speedups(candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]], reference: str, image_size: int,
@@ -236,60 +271,62 @@ def _speeds(ratios: dict[str, float]) -> str:
     return ", ".join(f"{r:.2f}x at batch {b}" for b, r in ratios.items())
 
 
-def _geometric_mean(ratios: dict[str, float]) -> float:
-    return math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
-
-
-def auto_record_key(config: CvTConfig, threads: int) -> tuple[str, dict]:
-    """The record ``"auto"`` measures into; it names the eager path's revision, so older records are measured again."""
-    return record_key({**layout_of(config), "eager": EAGER_REVISION}, threads)
-
-
 def _auto(model: CvT, threads: int, options: dict) -> tuple[Callable, str]:
     """The faster of eager and ONNX Runtime for this layout here (measured once, then read from the record)."""
-    key, description = auto_record_key(model.config, threads)
+    key, description = measurement_key(model.config, threads, eager=True, onnxruntime=True)
     record = read_record(key) or {}
-    eager = None
+    eager = ort = None
     if "onnxruntime" not in record:
         logger.info("backend auto: timing eager against onnxruntime once for this CPU and layout (export, then ~10 s)")
         eager, ort = fuse_for_inference(model), OnnxRuntimeModel(model, threads=threads, **options)
-        record = {"onnxruntime": measure_speedups({"eager": eager, "onnxruntime": ort}, "eager", model.config.image_size)["onnxruntime"]}
+        with torch_threads(threads):  # eager at the thread count ONNX Runtime runs at
+            record = {"onnxruntime": measure_speedups({"eager": eager, "onnxruntime": ort}, "eager", model.config.image_size)["onnxruntime"]}
         update_record(key, description, record)
     ratios = record["onnxruntime"]
     # ONNX Runtime when it is faster on the geometric mean of batch 1 and 8; eager on a tie (it needs no export).
-    name = "onnxruntime" if _geometric_mean(ratios) > 1.0 else "eager"
+    name = "onnxruntime" if statistics.geometric_mean(ratios.values()) > 1.0 else "eager"
     reason = (f"onnxruntime ran {_speeds(ratios)} against eager on {cpu_info().name} with {threads} threads, "
               f"measured {record.get('measured', 'now')} ({measurements_path()})")
     if name == "onnxruntime":
-        runner = ort if eager is not None else OnnxRuntimeModel(model, threads=threads, **options)
+        runner = ort if ort is not None else OnnxRuntimeModel(model, threads=threads, **options)
     else:
         runner = eager if eager is not None else fuse_for_inference(model)
     return runner, reason
 
 
+def _reduced_runner(model: CvT, precision: str, threads: int, options: dict) -> Callable:
+    if precision == "int8":
+        return OnnxRuntimeModel(model, threads=threads, precision="int8", **options)
+    return AutocastModel(fuse_for_inference(model), torch.bfloat16)
+
+
 def _reduced(model: CvT, backend: str, precision: str, threads: int, options: dict) -> Callable:
-    """The ``precision`` runner where this CPU has the instructions and it measured faster; else a ConfigError."""
+    """The ``precision`` runner where this CPU has the instructions and it measured faster; else a ConfigError.
+
+    The stored verdict is read first: the runner (an export, a quantization) is built only to be timed
+    or returned, never for a refusal.
+    """
     cpu = cpu_info()
     needs = NEEDS[precision]
     if not cpu.has_any(needs):
         raise ConfigError(f"{precision} is slower than float32 on this CPU ({cpu.name}, no {'/'.join(needs)}): "
                           f"{MEASURED_WITHOUT_FLAGS[precision]}; use --precision float32")
-    key, description = record_key(layout_of(model.config), threads)
+    int8 = precision == "int8"  # int8 against ONNX Runtime float32; bfloat16 against the eager backend
+    key, description = measurement_key(model.config, threads, eager=not int8, onnxruntime=int8)
     record = read_record(key) or {}
-    if precision == "int8":
-        reduced = OnnxRuntimeModel(model, threads=threads, precision="int8", **options)
-    else:
-        reduced = AutocastModel(fuse_for_inference(model), torch.bfloat16)
+    reduced = None
     if precision not in record:
         logger.info("%s: timing it against float32 once for this CPU and layout", precision)
-        fp32 = OnnxRuntimeModel(model, threads=threads, **options) if precision == "int8" else reduced.model
-        record[precision] = measure_speedups({"float32": fp32, precision: reduced}, "float32", model.config.image_size)[precision]
-        update_record(key, description, {precision: record[precision]})
+        reduced = _reduced_runner(model, precision, threads, options)
+        fp32 = OnnxRuntimeModel(model, threads=threads, **options) if int8 else reduced.model
+        with torch_threads(threads):
+            record = {precision: measure_speedups({"float32": fp32, precision: reduced}, "float32", model.config.image_size)[precision]}
+        update_record(key, description, record)
     if min(record[precision].values()) <= 1.0:
         raise ConfigError(f"{precision} is slower than float32 on this CPU ({cpu.name}): {_speeds(record[precision])} "
                           f"measured {record.get('measured', 'now')}; use --precision float32")
     logger.info("precision %s on %s: %s float32 (%s)", precision, backend, _speeds(record[precision]), measurements_path())
-    return reduced
+    return reduced if reduced is not None else _reduced_runner(model, precision, threads, options)
 
 
 def optimize_for_inference(model: CvT, backend: str = "auto", *, precision: str = "float32",

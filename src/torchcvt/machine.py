@@ -2,18 +2,22 @@
 
 * ``cpu_info()``: the CPU's name and the instruction-set flags that decide which kernels are fast
   (avx2, avx512f, avx512_vnni, avx_vnni, avx512_bf16, amx_*), read from ``/proc/cpuinfo``, else from
-  ``torch.backends.cpu.get_cpu_capability()``. Every figure torchcvt prints comes with it.
+  ``torch.backends.cpu.get_cpu_capability()``, once per process. Every figure torchcvt prints comes with it.
 * ``time_alternating`` / ``median_ratio``: the one way torchcvt times candidates against each other
   (``cvt bench``, the ``"auto"`` backend's measurement): every candidate once per round, in rotating
-  order, so neighbouring runs share the machine's load and the per-round ratios are steady.
+  order, so neighbouring runs share the machine's load and the per-round ratios are steady;
+  ``torch_threads`` runs them at a given thread count.
 * Measurement records: a small JSON file, ``cache_dir() / "measurements.json"``, with one entry per
-  (CPU name and flags, torch and onnxruntime versions, threads, model layout). ``"auto"`` and the
+  (CPU name and flags, torch version, the onnxruntime version where it is timed, threads, what was
+  measured: the model layout, the GEMM engine). ``"auto"``, the GEMM choice and the
   reduced-precision checks measure once per entry and read the record afterwards; delete the file
   (or the entry) to measure again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -21,7 +25,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +75,7 @@ def _read_flags(cpuinfo: str) -> set[str]:
     return set()
 
 
+@functools.cache  # /proc/cpuinfo is read once per process (tests fake the CPU by passing ``cpuinfo``)
 def cpu_info(cpuinfo: str | None = None) -> CpuInfo:
     """This CPU: name, known flags, torch's vector ISA, logical cores (``cpuinfo``: text to parse instead of /proc)."""
     if cpuinfo is None:
@@ -116,6 +121,19 @@ def time_alternating(candidates: dict[str, Callable[[], object]], *, repeats: in
     return times
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside the block and restored after it."""
+    before = torch.get_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def median_ratio(reference: list[float], other: list[float]) -> float:
     """Median over rounds of ``reference / other``: how many times faster ``other`` is."""
     return statistics.median(a / b for a, b in zip(reference, other))
@@ -141,13 +159,17 @@ def onnxruntime_version() -> str | None:
     return onnxruntime.__version__
 
 
-def record_key(layout: dict[str, Any], threads: int) -> tuple[str, dict[str, Any]]:
-    """``(key, description)`` of a measurement: the machine, the software and the model layout (not its weights)."""
+def record_key(layout: dict[str, Any], threads: int, *, onnxruntime: bool = False) -> tuple[str, dict[str, Any]]:
+    """``(key, description)`` of a measurement: the machine, the software and what was measured (``layout``).
+
+    ``onnxruntime``: the measurement times ONNX Runtime, so its version is part of the key (and only
+    then is onnxruntime imported).
+    """
     cpu = cpu_info()
-    description = {
-        "cpu": cpu.name, "flags": sorted(cpu.flags), "torch": torch.__version__, "onnxruntime": onnxruntime_version(),
-        "torchcvt": __version__, "threads": threads, "layout": layout,
-    }
+    description = {"cpu": cpu.name, "flags": sorted(cpu.flags), "torch": torch.__version__, "torchcvt": __version__,
+                   "threads": threads, "layout": layout}
+    if onnxruntime:
+        description["onnxruntime"] = onnxruntime_version()
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
     return key, description
 
