@@ -239,25 +239,41 @@ def test_time_alternating_rotates_and_median_ratio_by_hand():
     assert median_ratio([2.0, 0.6, 0.1], [1.0, 0.2, 0.01]) == pytest.approx(3.0)
 
 
-def test_run_benchmark_small_layout():
+def test_run_benchmark_small_layout(monkeypatch):
+    from torchcvt import bench
     from torchcvt.bench import run_benchmark
 
+    timed = []  # the candidates of every alternating timing
+
+    def time_alternating(candidates, **kwargs):
+        timed.append(set(candidates))
+        return real_time_alternating(candidates, **kwargs)
+
+    real_time_alternating = bench.time_alternating
+    monkeypatch.setattr(bench, "time_alternating", time_alternating)
     config = CvTConfig(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 2, 3), num_classes=7, image_size=64)
     threads = torch.get_num_threads()
     try:  # one thread: tiny ops on two threads of a busy machine wait on each other
-        report = run_benchmark(config, batches=(1, 2), train_batch=2, repeats=1, memory=False, matmul_size=256, threads=1)
+        # Without the ONNX Runtime rows (backends=False): bfloat16 runs on the eager backend, so it is timed all the same.
+        report = run_benchmark(config, batches=(1, 2), train_batch=2, repeats=1, memory=False, matmul_size=256, threads=1,
+                               precisions=("bfloat16", "int8"))
     finally:
         torch.set_num_threads(threads)
     assert report.threads == 1
-    assert all(v < 1e-4 for v in report.diffs.values())  # checked against transformers before timing
+    assert all(v < 1e-4 for k, v in report.diffs.items() if k != "eager bfloat16")  # checked against transformers before timing
+    assert report.diffs["eager bfloat16"] < 0.1
     assert [(r.case, r.batch, r.model) for r in report.rows] == [
-        ("inference", b, m) for b in (1, 2) for m in ("transformers", "torchcvt plain", "torchcvt", "torchcvt optimized")
+        ("inference", b, m) for b in (1, 2) for m in ("transformers", "torchcvt plain", "torchcvt", "torchcvt optimized", "eager bfloat16")
     ] + [("train step", 2, m) for m in ("transformers", "torchcvt plain", "torchcvt")]
     flops = 2 * torchcvt.summary(CvT(config=config), 64).macs * 2 / 1e9
-    assert report.rows[4].gflop == pytest.approx(flops)  # batch 2 inference: 2 x MACs x batch
+    assert report.rows[5].gflop == pytest.approx(flops)  # batch 2 inference: 2 x MACs x batch
     assert report.rows[-1].gflop == pytest.approx(3 * flops)  # a training step: 3x the forward
+    # The GEMMs ran only beside the models (no timing of their own), once per round: 2 + 1 inference rounds, 3 training.
+    assert len(timed) == 3 and all({"GEMM torch.mm", "torchcvt"} <= names for names in timed)
+    assert {k: len(v) for k, v in report.gemm_times.items()} == {k: 6 for k in bench.gemm_candidates(8)}
     table = report.table()
     assert "torch.mm" in table and "| train step" in table and "threads: 1" in table
+    assert "int8: not timed (it runs on onnxruntime: --no-onnxruntime)" in table
 
 
 def test_gemm_engine_is_measured_once_per_machine_and_can_be_forced(monkeypatch, tmp_path):

@@ -13,11 +13,14 @@ Method (also in docs/performance.md):
   x batch / time; a training step counts 3x the forward FLOPs. "% attain" relates it to the
   attainable fp32 GEMM rate: the faster of ``torch.mm`` (MKL, what ``nn.Linear`` uses by default)
   and oneDNN (what torchcvt's linears use with the fast path) on 2048^3 products, both timed in the
-  same alternating rounds as the models (median over rounds of the per-round fraction).
+  same alternating rounds as the models (median over rounds of the per-round fraction). The header's
+  matmul rates are the medians of those same GEMM runs: there is no separate GEMM run.
 * Backends (``cvt bench``; ``run_benchmark(backends=True)``): ONNX Runtime on the exported file
   (float32; int8 where the CPU's flags offer it, or as ``--precisions`` asks), and the default
   ``optimize_for_inference(model)`` (backend ``"auto"``); "vs onnxruntime" is the median of per-round
   ratios against ONNX Runtime float32. The header names the CPU and its flags.
+* Reduced precision: bfloat16 (the eager backend under CPU autocast) is timed with or without the
+  backends; int8 runs on ONNX Runtime, so only with them.
 * Models: "torchcvt" is the model ``create_model`` returns (the fast path applied, fastpath.py, its
   linears on the GEMM ``fastpath.gemm_engine()`` measured faster here; the header says which),
   "torchcvt plain" the reference model without it (``CvT(...)``: ``nn.Linear`` on MKL), so the
@@ -67,11 +70,15 @@ def gemm_candidates(n: int = 2048) -> dict[str, Callable[[], object]]:
     return candidates
 
 
-def matmul_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """fp32 GEMM rate in GFLOP/s of ``torch.mm`` (MKL on x86) and of oneDNN, timed alternately."""
-    with torch.inference_mode():
-        times = time_alternating(gemm_candidates(n), repeats=repeats, warmup=1)
+def gemm_rates(times: dict[str, list[float]], n: int) -> dict[str, float]:
+    """GFLOP/s of each ``n``^3 product from its seconds per call (the median over its runs)."""
     return {k: 2 * n**3 / statistics.median(v) / 1e9 for k, v in times.items()}
+
+
+def matmul_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """fp32 GEMM rate in GFLOP/s of ``torch.mm`` (MKL on x86) and of oneDNN, timed alternately on their own."""
+    with torch.inference_mode():
+        return gemm_rates(time_alternating(gemm_candidates(n), repeats=repeats, warmup=1), n)
 
 
 def attainable_fraction(times: list[float], gflop: float, gemm_times: dict[str, list[float]], n: int) -> float:
@@ -239,12 +246,24 @@ class Report:
     name: str
     image_size: int
     threads: int
-    matmul: dict[str, float]
     diffs: dict[str, float]
     rows: list[Row] = field(default_factory=list)
     matmul_size: int = 2048
+    gemm_times: dict[str, list[float]] = field(default_factory=dict)  # seconds of each GEMM, every round of the run
     load: list[str] = field(default_factory=lambda: [load_average(), "?"])  # 1/5/15-minute load: other work on the machine
     notes: list[str] = field(default_factory=list)  # the default backend, reduced precision offered or not, their accuracy
+
+    def add_gemm_times(self, times: dict[str, list[float]]) -> dict[str, list[float]]:
+        """The GEMM runs of one alternating timing (keys ``"GEMM <name>"``) by name, added to the run's."""
+        these = {k: times[f"GEMM {k}"] for k in self.gemm_times}
+        for k, t in these.items():
+            self.gemm_times[k] += t
+        return these
+
+    @property
+    def matmul(self) -> dict[str, float]:
+        """fp32 GFLOP/s of each GEMM: the median of its runs in the model rounds."""
+        return gemm_rates(self.gemm_times, self.matmul_size)
 
     @property
     def attainable(self) -> float:
@@ -258,7 +277,7 @@ class Report:
             + (f", onnxruntime {v}" if (v := onnxruntime_version()) else "")
             + f", load average at start/end: {self.load[0]} / {self.load[1]}",
             f"CPU: {cpu_info().describe()}",
-            f"fp32 matmul rate ({self.matmul_size}^3, alternated): {rates}; attainable (the faster): {self.attainable:.0f} GFLOP/s",
+            f"fp32 matmul rate ({self.matmul_size}^3, timed in the model rounds): {rates}; attainable (the faster): {self.attainable:.0f} GFLOP/s",
             "max |logits - transformers|: " + ", ".join(f"{k} {v:.1e}" for k, v in self.diffs.items()),
             *self.notes,
         ]
@@ -282,31 +301,35 @@ _MEMORY_KINDS = {"transformers": "transformers", "torchcvt plain": "plain", "tor
 ORT = "onnxruntime"
 
 
-def _backend_candidates(ours: CvT, optimized: CvT, precisions: tuple[str, ...], log: Callable[[str], None]) -> tuple[dict[str, Callable], list[str]]:
-    """ONNX Runtime (fp32), the default ``optimize_for_inference(model)`` and the reduced-precision runners.
+def _more_candidates(ours: CvT, optimized: CvT, backends: bool, precisions: tuple[str, ...],
+                     log: Callable[[str], None]) -> tuple[dict[str, Callable], list[str]]:
+    """With ``backends``: ONNX Runtime (fp32) and the default ``optimize_for_inference(model)``; the
+    reduced-precision runners in ``precisions`` (int8 only beside ONNX Runtime fp32, bfloat16 always).
 
     Returns the candidates and notes for the table's header (which backend "auto" chose, which
-    reduced precisions this CPU's flags offer).
+    reduced precisions this CPU's flags offer, which were not timed).
     """
     cpu = cpu_info()
     candidates: dict[str, Callable] = {}
     notes = []
-    if ORT in available_backends():
-        log("exporting to ONNX (cached per weights)")
-        candidates[ORT] = OnnxRuntimeModel(ours)
-    default = optimize_for_inference(ours)  # backend "auto"
-    candidates["default (auto)"] = default
-    notes.append(f"default optimize_for_inference(model): backend auto -> {describe_backend(default)}")
+    if backends:
+        if ORT in available_backends():
+            log("exporting to ONNX (cached per weights)")
+            candidates[ORT] = OnnxRuntimeModel(ours)
+        default = optimize_for_inference(ours)  # backend "auto"
+        candidates["default (auto)"] = default
+        notes.append(f"default optimize_for_inference(model): backend auto -> {describe_backend(default)}")
     for precision in ("int8", "bfloat16"):
-        offered = cpu.has_any(NEEDS[precision])
-        if not offered:
+        asked = precision in precisions
+        if precision == "int8" and asked and ORT not in candidates:
+            notes.append("int8: not timed (it runs on onnxruntime: " + ("not installed)" if backends else "--no-onnxruntime)"))
+            asked = False
+        if not cpu.has_any(NEEDS[precision]):
             notes.append(f"{precision}: not offered on this CPU (no {'/'.join(NEEDS[precision])})"
-                         + ("; measured anyway below" if precision in precisions else ""))
-        if precision not in precisions or (precision == "int8" and ORT not in candidates):
-            continue
-        if precision == "int8":
+                         + ("; measured anyway below" if asked else ""))
+        if asked and precision == "int8":
             candidates[f"{ORT} int8"] = OnnxRuntimeModel(ours, precision="int8")
-        else:
+        elif asked:
             candidates["eager bfloat16"] = AutocastModel(optimized, torch.bfloat16)
     return candidates, notes
 
@@ -328,8 +351,10 @@ def run_benchmark(
 
     ``name``: a preset or a CvTConfig that transformers can build. The memory subprocesses read the
     weights from a temporary directory, so they work for any layout. ``backends``: also ONNX Runtime
-    and the default (``"auto"``) backend (``cvt bench`` turns it on; it exports the model once). ``precisions``: the reduced precisions to time (``"int8"``,
-    ``"bfloat16"``); default those this CPU's flags offer.
+    and the default (``"auto"``) backend (``cvt bench`` turns it on; it exports the model once).
+    ``precisions``: the reduced precisions to time (``"int8"``, which needs ``backends``, and
+    ``"bfloat16"``); default those this CPU's flags offer. The GEMMs behind "% attain" and the
+    header's matmul rates run in every timed round, beside the models.
     """
     from .pretrained import describe
     from .summary import summary
@@ -351,10 +376,9 @@ def run_benchmark(
         notes = [f"freed memory retained in the process (glibc mallopt, every candidate): {'yes' if retained else 'no'}",
                  f"fast path linears ('torchcvt', 'torchcvt optimized'): {gemm_engine()} "
                  f"({'$TORCHCVT_GEMM' if os.environ.get('TORCHCVT_GEMM') else 'the faster on this CPU, measured once'})"]
-        if backends:
-            more, backend_notes = _backend_candidates(ours, optimized, precisions, log)
-            notes += backend_notes
-            models.update(more)
+        more, more_notes = _more_candidates(ours, optimized, backends, precisions, log)
+        notes += more_notes
+        models.update(more)
         gflop_per_image = 2 * summary(ours, size).macs / 1e9
 
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -365,17 +389,17 @@ def run_benchmark(
         if bad:
             raise TorchCvTError(f"logits differ from transformers by {bad} (tolerance {TOLERANCE}); not timing different models")
         log(f"logits agree with transformers: {diffs}")
-        report = Report(name if isinstance(name, str) else describe(ours.config), size, threads, matmul_rates(matmul_size),
-                        diffs, matmul_size=matmul_size, notes=notes)
-        log(f"matmul rates: {report.matmul}")
-        gemms = gemm_candidates(matmul_size)  # timed in every round too: "% attain" compares within a round
+        products = gemm_candidates(matmul_size)  # in every round, beside the models: "% attain" compares within a round
+        gemms = {f"GEMM {k}": f for k, f in products.items()}
+        report = Report(name if isinstance(name, str) else describe(ours.config), size, threads, diffs,
+                        matmul_size=matmul_size, notes=notes, gemm_times={k: [] for k in products})
 
         for batch in batches:
             x = torch.randn(batch, 3, size, size)
-            fns = {k: (lambda f=f: f(x)) for k, f in models.items()} | {f"GEMM {k}": f for k, f in gemms.items()}
+            fns = {k: (lambda f=f: f(x)) for k, f in models.items()} | gemms
             with torch.inference_mode():
                 times = time_alternating(fns, repeats=_rounds(repeats, batch), warmup=1)
-            gemm_times = {k: times[f"GEMM {k}"] for k in gemms}
+            gemm_times = report.add_gemm_times(times)
             for k in models:
                 row = Row("inference", batch, k, times[k], gflop_per_image * batch,
                           None if k == "transformers" else median_ratio(times["transformers"], times[k]),
@@ -391,8 +415,8 @@ def run_benchmark(
             y = torch.randint(0, ours.num_classes, (train_batch,))
             # Copies: the optimizer steps change the weights.
             steps = {k: make_train_step(copy.deepcopy(m), x, y) for k, m in (("transformers", theirs), ("torchcvt plain", plain), ("torchcvt", ours))}
-            times = time_alternating(steps | {f"GEMM {k}": f for k, f in gemms.items()}, repeats=max(3, repeats // 2), warmup=1)
-            gemm_times = {k: times[f"GEMM {k}"] for k in gemms}
+            times = time_alternating(steps | gemms, repeats=max(3, repeats // 2), warmup=1)
+            gemm_times = report.add_gemm_times(times)
             for k in steps:
                 row = Row("train step", train_batch, k, times[k], 3 * gflop_per_image * train_batch,
                           None if k == "transformers" else median_ratio(times["transformers"], times[k]),
@@ -402,6 +426,7 @@ def run_benchmark(
                 report.rows.append(row)
                 log(f"train step batch {train_batch} {k}: {statistics.median(times[k]) * 1e3:.1f} ms")
     report.load[1] = load_average()
+    log(f"matmul rates (in the model rounds): {report.matmul}")
     return report
 
 
@@ -413,7 +438,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds at batch 8 (more at 1, fewer above 8; default 10)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's, one per core)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--no-onnxruntime", action="store_true", help="skip the ONNX Runtime and default-backend rows")
+    parser.add_argument("--no-onnxruntime", action="store_true", help="skip the ONNX Runtime rows (float32, int8) and the default-backend row; "
+                        "bfloat16 is timed either way")
     parser.add_argument("--precisions", default="offered",
                         help="reduced precisions to time: 'offered' (default: those this CPU's flags offer), 'all', "
                              "'none' or a comma-separated list of int8, bfloat16")
