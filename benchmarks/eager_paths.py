@@ -41,17 +41,14 @@ from torchcvt.summary import summary
 def ort_runner(model: torch.nn.Module, directory: str, threads: int):
     import onnxruntime
 
+    from torchcvt.backends import onnxruntime_session
     from torchcvt.export import export_onnx
 
     path = Path(directory) / "model.onnx"
     start = time.perf_counter()
     export_onnx(model, path, dynamic=True)
     print(f"# ONNX export: {time.perf_counter() - start:.0f} s, onnxruntime {onnxruntime.__version__}", flush=True)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(path, threads)
     return lambda x: torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0])
 
 

@@ -30,9 +30,10 @@ import warnings
 import torch
 
 from torchcvt import create_model
-from torchcvt.backends import AutocastModel, OnnxRuntimeModel, optimize_for_inference
+from torchcvt.backends import AutocastModel, OnnxRuntimeModel, onnxruntime_session, optimize_for_inference
 from torchcvt.datasets import build_datasets
 from torchcvt.fastpath import remove_fast_path
+from torchcvt.fileio import atomic_save
 from torchcvt.machine import cpu_info, load_average, median_ratio, onnxruntime_version, time_alternating
 from torchcvt.pretrained import load_pretrained
 
@@ -41,7 +42,6 @@ OPTIONS = ("ort-int8-dynamic", "ort-int8-static", "torch-int8-dynamic", "bf16-au
 
 def _ort_static(fp32: OnnxRuntimeModel, calibration: torch.Tensor):
     """ONNX Runtime static int8 (QDQ) of the exported float32 file, calibrated on ``calibration``."""
-    import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -52,14 +52,12 @@ def _ort_static(fp32: OnnxRuntimeModel, calibration: torch.Tensor):
             return next(self.batches, None)
 
     target = fp32.path.with_name(fp32.path.stem + "-int8-static.onnx")
-    if not target.is_file():
-        quantize_static(str(fp32.path), str(target), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
-    # The session options of OnnxRuntimeModel (threads = torch's, no spinning), on the quantized file.
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+    if not target.is_file():  # written atomically: an interrupted run leaves no half file for the next to use
+        atomic_save(lambda tmp: quantize_static(str(fp32.path), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True),
+                    target)
+    # The sessions of OnnxRuntimeModel (threads = torch's, no spinning), on the quantized file.
+    session = onnxruntime_session(target, torch.get_num_threads())
     return lambda x: torch.from_numpy(session.run(["logits"], {"pixel_values": x.contiguous().numpy()})[0])
 
 
