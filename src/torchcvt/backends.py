@@ -3,7 +3,7 @@
     runner = torchcvt.optimize_for_inference(model)   # backend="auto": the fastest measured here
     logits = runner(pixels)   # normalised float32 [B, 3, H, W] -> [B, num_classes]
 
-* ``"eager"``: PyTorch, with the fast path's inference fusions (``fastpath.fuse_for_inference``:
+* ``"eager"``: PyTorch, with the fast path's inference fusions (``fused.fuse_for_inference``:
   BatchNorm and scale folded, epilogues fused); the result is a ``CvT`` copy, so every model method
   works on it too.
 * ``"onnxruntime"``: the model is exported once to ONNX (``export.export_onnx``) and run by ONNX
@@ -40,7 +40,7 @@ from .config import CvTConfig
 from .allocator import retain_freed_memory
 from .errors import ConfigError
 from .export import export_onnx, min_dynamic_side
-from .fastpath import fuse_for_inference
+from .fused import fuse_for_inference
 from .fileio import atomic_save
 from .machine import (BF16_FLAGS, INT8_FLAGS, cache_dir, cpu_info, measurements_path, median_ratio, read_record,
                       record_key, time_alternating, update_record)
@@ -296,7 +296,7 @@ def optimize_for_inference(model: CvT, backend: str = "auto", *, precision: str 
                            **options) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable from normalised ``[B, C, H, W]`` float pixels to logits, on the chosen backend.
 
-    ``"eager"``: a fused CvT copy (``fastpath.fuse_for_inference``), same logits within 1e-4.
+    ``"eager"``: a fused CvT copy (``fused.fuse_for_inference``), same logits within 1e-4.
     ``"onnxruntime"``: an ``OnnxRuntimeModel`` (options: ``threads``, ``directory``), same top-k.
     ``"auto"``: measured once per machine and layout (module docstring); a log line says which.
     ``precision``: ``"float32"``, or ``"int8"`` / ``"bfloat16"`` where they measure faster (else a ConfigError).
