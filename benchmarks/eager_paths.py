@@ -15,7 +15,7 @@ Candidates:
   transformers   CvtForImageClassification
   plain          CvT(...) as built: nn.Linear (MKL), no fusions
   fast           apply_fast_path: linears on oneDNN
-  fused          fastpath.fuse_for_inference: the eager backend
+  fused          fused.fuse_for_inference: the eager backend
   ort            ONNX Runtime on export_onnx(model, dynamic=True): intra-op threads = torch's, spinning off
   compiled       torch.compile(fused) with torch._inductor.config.freezing = True (minutes to compile)
 """
@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from torchcvt.bench import matmul_rates, reference_pair
-from torchcvt.fastpath import apply_fast_path, fuse_for_inference
+from torchcvt.fastpath import apply_fast_path
+from torchcvt.fused import fuse_for_inference
 from torchcvt.machine import cpu_info, load_average, median_ratio, time_alternating
 from torchcvt.summary import summary
 

@@ -15,7 +15,8 @@ import torch
 import torchcvt
 from torchcvt.cli import main
 from torchcvt.export import ONNX_OPSETS, export_onnx, export_program, min_dynamic_side, onnx_opset
-from torchcvt.fastpath import OneDNNLinear, fuse_for_inference
+from torchcvt.fastpath import OneDNNLinear
+from torchcvt.fused import fuse_for_inference
 from torchcvt.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 TOL = 1e-4

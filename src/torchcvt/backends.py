@@ -3,7 +3,7 @@
     runner = torchcvt.optimize_for_inference(model)   # backend="auto": the fastest measured here
     logits = runner(pixels)   # normalised float32 [B, 3, H, W] -> [B, num_classes]
 
-* ``"eager"``: PyTorch, with the fast path's inference fusions (``fastpath.fuse_for_inference``:
+* ``"eager"``: PyTorch, with the fast path's inference fusions (``fused.fuse_for_inference``:
   BatchNorm and scale folded, epilogues fused); the result is a ``CvT`` copy, so every model method
   works on it too.
 * ``"onnxruntime"``: the model is exported once to ONNX (``export.export_onnx``) and run by ONNX
@@ -44,9 +44,9 @@ from .config import CvTConfig
 from .allocator import retain_freed_memory
 from .errors import ConfigError
 from .export import export_onnx, min_dynamic_side
-from .fastpath import fuse_for_inference
 from .fastpath import gemm_engine
 from .fileio import atomic_save
+from .fused import fuse_for_inference
 from .machine import (BF16_FLAGS, INT8_FLAGS, cache_dir, cpu_info, measurements_path, median_ratio, read_record,
                       record_key, time_alternating, torch_threads, update_record)
 from .model import CvT
@@ -57,7 +57,7 @@ logger = logging.getLogger("torchcvt")
 BACKENDS = ("auto", "eager", "onnxruntime")
 PRECISIONS = ("float32", "bfloat16", "int8")
 MEASURED_BATCHES = (1, 8)
-EAGER_REVISION = 2  # 2: linears on the GEMM measured faster, freed memory retained (fastpath.py, allocator.py)
+EAGER_REVISION = 3  # 2: linears on the GEMM measured faster, freed memory retained; 3: per-shape GEMM (fused.py)
 # 3: the layout names every field that changes compute (padding, qkv_bias, global_pool), eager records name the
 # GEMM engine, eager and ONNX Runtime are timed at the same thread count, int8 and bfloat16 have records of their own.
 RECORD_REVISION = 3
@@ -333,7 +333,7 @@ def optimize_for_inference(model: CvT, backend: str = "auto", *, precision: str 
                            **options) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable from normalised ``[B, C, H, W]`` float pixels to logits, on the chosen backend.
 
-    ``"eager"``: a fused CvT copy (``fastpath.fuse_for_inference``), same logits within 1e-4.
+    ``"eager"``: a fused CvT copy (``fused.fuse_for_inference``), same logits within 1e-4.
     ``"onnxruntime"``: an ``OnnxRuntimeModel`` (options: ``threads``, ``directory``), same top-k.
     ``"auto"``: measured once per machine and layout (module docstring); a log line says which.
     ``precision``: ``"float32"``, or ``"int8"`` / ``"bfloat16"`` where they measure faster (else a ConfigError).

@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from .config import CvTConfig
 from .errors import ConfigError, TorchCvTError
 from .allocator import retain_freed_memory
-from .fastpath import apply_fast_path, fuse_for_inference, gemm_engine, onednn_available, onednn_linear, remove_fast_path
+from .fastpath import apply_fast_path, gemm_engine, onednn_available, onednn_linear, remove_fast_path
+from .fused import fuse_for_inference
 from .backends import NEEDS, PRECISIONS, AutocastModel, OnnxRuntimeModel, available_backends, describe_backend, optimize_for_inference
 from .machine import cpu_info, load_average, median_ratio, onnxruntime_version, time_alternating
 from .model import CvT

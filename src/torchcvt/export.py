@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     size = _export_size(args, model.config)
     preprocess = preprocess_config_of(model)
     if args.optimized:
-        from .fastpath import fuse_for_inference
+        from .fused import fuse_for_inference
 
         model = fuse_for_inference(model)
     # The model file first, checked before it replaces anything; its description only once it has.

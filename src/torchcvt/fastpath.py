@@ -8,14 +8,17 @@ can be taken off again, and is the only module of torchcvt that names private to
   every ``Mlp`` for ``OneDNNMlp``: same parameters, same state dict, same numbers (fp32 rounding
   aside), training included. ``remove_fast_path(model)`` swaps them back. ``create_model`` and
   ``load_model`` return fast models; a ``CvT(...)`` built directly is the plain model.
-* ``fuse_for_inference(model)``: an eval-only copy with BatchNorm and the attention scale
-  folded, shared-input projections merged and activations and residual adds fused into the GEMMs.
+* ``gemm_engine()`` (the training layers) and ``gemm_engine_for(...)`` (each fused inference
+  layer's shape, ``fused.py``) say which GEMM is faster on this CPU; ``onednn_linear_epilogue``
+  runs a linear with its activation or residual add in one oneDNN call.
 
 Why: PyTorch sends fp32 CPU matrix products to MKL; on some CPUs oneDNN's GEMM (also in PyTorch)
 is about twice as fast (AVX-512 Zen 5: 2.2x), on others MKL is faster (AVX2 Zen 3: oneDNN 0.9x on
 CvT's shapes; docs/performance.md). ``gemm_engine()`` times both on CvT's linear shapes once per CPU,
-torch version and thread count (1.7 s with 2 threads on a Zen 3; kept in ``measurements.json``;
-``$TORCHCVT_GEMM=onednn|mkl`` overrides it). With ``"mkl"`` the layers here run ``F.linear``.
+torch version and thread count (2 s with 2 threads on a Zen 3; kept in ``measurements.json``;
+``$TORCHCVT_GEMM=onednn|mkl`` overrides it). With ``"mkl"`` the layers here run ``F.linear``. The
+timing keeps each shape's result, because the answer differs by shape: on a Zen 3 oneDNN wins the
+64-wide linears of stage 1 and MKL the rest.
 The private op is probed once, at first use; where a torch version lacks it (or it computes
 something else), and under compile, export, autocast and dispatch modes (FLOP counters, fake
 tensors), every layer here runs plain ``F.linear``, which all of those understand.
@@ -56,6 +59,15 @@ def _linear_add(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise.binary(x2d, residual2d, weight, bias, "add")
 
 
+def onednn_linear_epilogue(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, epilogue: str,
+                           residual2d: torch.Tensor | None = None) -> torch.Tensor:
+    """One oneDNN call (2-D inputs): ``F.linear`` then the epilogue, ``"none"``, ``"gelu"``, ``"silu"``
+    or ``"add"`` (of ``residual2d``)."""
+    if epilogue == "add":
+        return _linear_add(x2d, weight, bias, residual2d)
+    return _linear_pointwise(x2d, weight, bias, epilogue)
+
+
 def _dispatch_mode_active() -> bool:
     """A Python dispatch mode (FLOP counter, fake tensors) is on, or this torch cannot tell."""
     return _DISPATCH_STACK_LENGTH is None or _DISPATCH_STACK_LENGTH() > 0
@@ -89,8 +101,8 @@ def onednn_available() -> bool:
         return False
 
 
-def use_onednn(x: torch.Tensor) -> bool:
-    """Whether to run a linear on oneDNN: fp32 CPU tensors in plain eager mode, the op available."""
+def onednn_usable(x: torch.Tensor) -> bool:
+    """Whether a linear on ``x`` can run on oneDNN: fp32 CPU tensors in plain eager mode, the op available."""
     return (
         not torch.compiler.is_compiling()  # first: under torch.compile the rest is not even traced
         and not torch.compiler.is_exporting()
@@ -100,33 +112,62 @@ def use_onednn(x: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not _dispatch_mode_active()
         and onednn_available()  # the probe runs in plain eager mode only
-        and gemm_engine() == "onednn"  # last: the measurement too
     )
+
+
+def use_onednn(x: torch.Tensor) -> bool:
+    """Whether the training layers run a linear on ``x`` on oneDNN: usable, and the faster on this CPU."""
+    return onednn_usable(x) and gemm_engine() == "onednn"  # last: the measurement
 
 
 # --------------------------------------------------------------- which GEMM is faster on this CPU
 GEMM_ENGINES = ("onednn", "mkl")
-# The choice is timed on CvT-13's linears at batch 4: (tokens, in, out, how many a forward has; k/v: 1/4 the tokens).
+# Timed on CvT-13's linears at batch 4, each with what follows it in the fused model (``fused.py``):
+# (tokens, in, out, epilogue, how many a forward has); epilogue "silu": the MLP's activation, "add":
+# the residual add after proj and fc2; k/v have 1/4 of the tokens.
 _TIMED_SHAPES = (
-    (12544, 64, 64, 2), (3136, 64, 64, 2), (12544, 64, 256, 1), (12544, 256, 64, 1),
-    (3136, 192, 192, 4), (784, 192, 192, 4), (3136, 192, 768, 2), (3136, 768, 192, 2),
-    (788, 384, 384, 20), (200, 384, 384, 20), (788, 384, 1536, 10), (788, 1536, 384, 10),
+    (12544, 64, 64, "none", 1), (3136, 64, 64, "none", 2), (12544, 64, 256, "silu", 1),
+    (12544, 256, 64, "add", 1), (12544, 64, 64, "add", 1),
+    (3136, 192, 192, "none", 2), (784, 192, 192, "none", 4), (3136, 192, 768, "silu", 2),
+    (3136, 768, 192, "add", 2), (3136, 192, 192, "add", 2),
+    (788, 384, 384, "none", 10), (200, 384, 384, "none", 20), (788, 384, 1536, "silu", 10),
+    (788, 1536, 384, "add", 10), (788, 384, 384, "add", 10),
 )
 
 
-def time_gemm_engines(rounds: int = 3) -> dict[str, float]:
-    """Seconds per forward's worth of CvT-13 linears (``_TIMED_SHAPES``) on MKL and on oneDNN, timed alternately."""
+def _shape_key(in_features: int, out_features: int, epilogue: str) -> str:
+    return f"{in_features}x{out_features} {epilogue}"
+
+
+def _timed_keys() -> set[str]:
+    return {_shape_key(k, m, epilogue) for _, k, m, epilogue, _ in _TIMED_SHAPES}
+
+
+def _mkl_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, epilogue: str,
+                residual2d: torch.Tensor | None = None) -> torch.Tensor:
+    """What a fused layer does on MKL under no-grad: ``F.linear``, then the epilogue in place."""
+    out = F.linear(x2d, weight, bias)
+    return out.add_(residual2d) if epilogue == "add" else F.silu(out, inplace=True) if epilogue == "silu" else out
+
+
+def time_gemm_engines(rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Seconds per forward's worth of each of CvT-13's linear shapes (``_TIMED_SHAPES``), with its
+    epilogue, on MKL and on oneDNN, timed alternately: ``{engine: {shape key: seconds}}``."""
     generator = torch.Generator().manual_seed(0)  # not the global generator: training's random stream stays as it is
-    operands = [shape for n, k, m, count in _TIMED_SHAPES  # the same tensors as often as a forward has the shape
-                for shape in [(torch.rand(n, k, generator=generator), torch.rand(m, k, generator=generator), torch.rand(m, generator=generator))] * count]
-
-    def run(linear) -> None:
-        for x, w, b in operands:
-            linear(x, w, b)
-
+    work: dict[str, list] = {}  # shape key -> the operands of each of its calls in a forward (q and k/v share a key)
+    for n, k, m, epilogue, count in _TIMED_SHAPES:
+        operands = tuple(torch.rand(*shape, generator=generator) for shape in ((n, k), (m, k), (m,), (n, m)))
+        work.setdefault(_shape_key(k, m, epilogue), []).extend([(*operands, epilogue)] * count)
+    candidates = {
+        (engine, key): lambda f=linear, calls=calls: [f(x, w, b, e, r) for x, w, b, r, e in calls]
+        for key, calls in work.items() for engine, linear in (("mkl", _mkl_linear), ("onednn", onednn_linear_epilogue))
+    }
     with torch.inference_mode():
-        times = time_alternating({"mkl": lambda: run(F.linear), "onednn": lambda: run(_linear_pointwise)}, repeats=rounds)
-    return {name: round(statistics.median(t), 5) for name, t in times.items()}
+        times = time_alternating(candidates, repeats=rounds)
+    seconds: dict[str, dict[str, float]] = {engine: {} for engine in GEMM_ENGINES}
+    for (engine, key), t in times.items():
+        seconds[engine][key] = round(statistics.median(t), 6)
+    return seconds
 
 
 def gemm_override() -> str | None:
@@ -138,18 +179,22 @@ def gemm_override() -> str | None:
 
 
 @functools.cache
-def _measured_gemm_engine(threads: int) -> str:
-    key, description = record_key({"linears": "cvt-13 at batch 4"}, threads)
-    record = read_record(key) or {}
-    if not isinstance(record.get("gemm_seconds"), dict) or set(record["gemm_seconds"]) != set(GEMM_ENGINES):
-        logger.info("fast path: timing MKL against oneDNN once for this CPU and %d threads (seconds)", threads)
-        record = {"gemm_seconds": time_gemm_engines()}
-        update_record(key, description, record)  # not under load, nor in a read-only cache: used now either way
-    seconds = record["gemm_seconds"]
-    engine = "onednn" if seconds["onednn"] < seconds["mkl"] else "mkl"  # a tie goes to MKL, PyTorch's default
-    logger.info("fast path: linears on %s (%d threads: MKL %.0f ms, oneDNN %.0f ms for CvT-13's linears)",
-                engine, threads, 1e3 * seconds["mkl"], 1e3 * seconds["onednn"])
-    return engine
+def _measured_gemm_engines(threads: int) -> tuple[str, dict[str, str]]:
+    """The faster engine overall (for the training layers) and per timed shape (for the fused layers)."""
+    key, description = record_key({"linears": "cvt-13 at batch 4, with epilogues"}, threads)
+    seconds = (read_record(key) or {}).get("gemm_seconds")
+    if not isinstance(seconds, dict) or set(seconds) != set(GEMM_ENGINES) or not all(
+            isinstance(seconds[e], dict) and set(seconds[e]) == _timed_keys() for e in GEMM_ENGINES):
+        logger.info("fast path: timing MKL against oneDNN once for this CPU and %d threads", threads)
+        seconds = time_gemm_engines()
+        update_record(key, description, {"gemm_seconds": seconds})  # not under load, nor in a read-only cache: used now either way
+    total = {engine: sum(seconds[engine].values()) for engine in GEMM_ENGINES}
+    overall = "onednn" if total["onednn"] < total["mkl"] else "mkl"  # a tie goes to MKL, PyTorch's default
+    by_shape = {key: "onednn" if seconds["onednn"][key] < seconds["mkl"][key] else "mkl" for key in seconds["mkl"]}
+    logger.info("fast path: linears on %s (%d threads: MKL %.0f ms, oneDNN %.0f ms for CvT-13's linears; fused layers "
+                "per shape: %d of %d on oneDNN)", overall, threads, 1e3 * total["mkl"], 1e3 * total["onednn"],
+                sum(e == "onednn" for e in by_shape.values()), len(by_shape))
+    return overall, by_shape
 
 
 def gemm_engine() -> str:
@@ -157,7 +202,19 @@ def gemm_engine() -> str:
     forced = gemm_override()
     if forced is not None or not onednn_available():
         return forced or "mkl"
-    return _measured_gemm_engine(torch.get_num_threads())
+    return _measured_gemm_engines(torch.get_num_threads())[0]
+
+
+def gemm_engine_for(in_features: int, out_features: int, epilogue: str) -> str:
+    """The engine for one fused linear (epilogue ``"none"``, ``"silu"``, ``"gelu"`` or ``"add"``):
+    ``$TORCHCVT_GEMM``, else the faster measured for its shape on this CPU, else ``gemm_engine()``.
+
+    On a Zen 3, oneDNN wins stage 1's linears (64 inputs) and MKL the rest (docs/performance.md)."""
+    forced = gemm_override()
+    if forced is not None or not onednn_available():
+        return forced or "mkl"
+    overall, by_shape = _measured_gemm_engines(torch.get_num_threads())
+    return by_shape.get(_shape_key(in_features, out_features, epilogue), overall)
 
 
 def onednn_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -313,181 +370,3 @@ def remove_fast_path(model: nn.Module) -> nn.Module:
         if type(module) in _PLAIN:
             module.__class__ = _PLAIN[type(module)]
     return model
-
-
-# ------------------------------------------------------------------------- inference fusions
-# x * sigmoid(1.702 x) = silu(1.702 x) / 1.702: fc1 is scaled up and fc2 down by this factor.
-_QUICK_GELU_ALPHA = 1.702
-
-
-class FusedLinear(nn.Module):
-    """A frozen linear with an optional fused activation (``"gelu"``, ``"silu"``) and residual add."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> None:
-        super().__init__()
-        self.register_buffer("weight", weight.detach().contiguous().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().contiguous().clone())
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if use_onednn(x):
-            x2d = x.reshape(-1, x.shape[-1])  # [N, C_in]: oneDNN's linear takes 2-D inputs
-            if residual is not None:
-                out = _linear_add(x2d, self.weight, self.bias, residual.reshape(x2d.shape[0], -1))
-            else:
-                out = _linear_pointwise(x2d, self.weight, self.bias, self.activation)
-            return out.view(*x.shape[:-1], self.weight.shape[0])
-        out = F.linear(x, self.weight, self.bias)
-        # In place on the fresh product when nothing records it (no autograd, no tracing): one
-        # allocation instead of three per block, 4-8 % of a CvT-13 forward on MKL (docs/performance.md).
-        in_place = not torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                                                        or torch.onnx.is_in_onnx_export())
-        if self.activation == "gelu":
-            out = F.gelu(out)
-        elif self.activation == "silu":
-            out = F.silu(out, inplace=in_place)
-        if residual is None:
-            return out
-        return out.add_(residual) if in_place and out.dtype == residual.dtype else out + residual  # autocast: promote
-
-    def extra_repr(self) -> str:
-        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, activation={self.activation}"
-
-
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``bn(conv(x))`` as one convolution (eval-mode BatchNorm), computed in float64."""
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)  # [C]
-    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
-    bias = bn.bias.double() - bn.running_mean.double() * scale
-    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
-
-
-class FusedAttention(nn.Module):
-    """Convolutional projection attention: BatchNorm and scale folded, shared-input projections merged.
-
-    Input: the norm1 tokens ``[B, T, C]`` and the residual stream ``[B, T, C]``; returns
-    ``residual + attention(tokens)``.
-    """
-
-    def __init__(self, attn: Attention, method: str) -> None:
-        super().__init__()
-        self.num_heads = attn.num_heads
-        self.with_cls_token = attn.with_cls_token
-        self.method = method
-        scale = attn.scale
-        wq, bq = attn.proj_q.weight * scale, None if attn.proj_q.bias is None else attn.proj_q.bias * scale
-        wk, bk = attn.proj_k.weight, attn.proj_k.bias
-        wv, bv = attn.proj_v.weight, attn.proj_v.bias
-
-        def cat(*ts: torch.Tensor | None) -> torch.Tensor | None:
-            return None if ts[0] is None else torch.cat(ts)
-
-        if method == "dw_bn":
-            # k and v stay separate: a 2C-output grouped conv and a block-diagonal k/v linear both
-            # measured slower than two convolutions and two linears (docs/performance.md).
-            self.conv_q = self._folded_conv(attn.conv_proj_q.conv, attn.conv_proj_q.bn)
-            self.conv_k = self._folded_conv(attn.conv_proj_k.conv, attn.conv_proj_k.bn)
-            self.conv_v = self._folded_conv(attn.conv_proj_v.conv, attn.conv_proj_v.bn)
-            self.q, self.k, self.v = FusedLinear(wq, bq), FusedLinear(wk, bk), FusedLinear(wv, bv)
-        elif method == "avg":
-            self.pool_kv = attn.conv_proj_k.avg
-            self.q = FusedLinear(wq, bq)
-            self.kv = FusedLinear(torch.cat((wk, wv)), cat(bk, bv))  # k and v pool the same map
-        else:  # "linear": q, k and v all read the tokens themselves
-            self.qkv = FusedLinear(torch.cat((wq, wk, wv)), cat(bq, bk, bv))
-        self.proj = FusedLinear(attn.proj.weight, attn.proj.bias)
-
-    @staticmethod
-    def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, groups=conv.groups)
-        fused.weight.data, fused.bias.data = _fold_bn(conv, bn)
-        return fused.requires_grad_(False)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        return x.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # [B, heads, T, C/heads]
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        B, T, C = x.shape
-        if self.with_cls_token:
-            cls_token, x = torch.split(x, [1, H * W], dim=1)  # [B, 1, C], [B, H*W, C]
-        if self.method == "linear":
-            tokens = torch.cat((cls_token, x), dim=1) if self.with_cls_token else x
-            q, k, v = self.qkv(tokens).split(C, dim=-1)  # [B, T, C] each
-        else:
-            fmap = x.unflatten(1, (H, W)).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last view
-            if self.method == "dw_bn":
-                # each: [B, C, h', w'] channels-last -> [B, h'*w', C] contiguous, no copy
-                q = self.conv_q(fmap).flatten(2).transpose(1, 2)
-                k = self.conv_k(fmap).flatten(2).transpose(1, 2)
-                v = self.conv_v(fmap).flatten(2).transpose(1, 2)
-                if self.with_cls_token:
-                    q, k, v = (torch.cat((cls_token, t), dim=1) for t in (q, k, v))
-                q, k, v = self.q(q), self.k(k), self.v(v)
-            else:  # avg: no convolution for q; k and v pool the same map, so one linear makes both
-                kv = self.pool_kv(fmap).flatten(2).transpose(1, 2)  # [B, h*w, C]
-                q = x
-                if self.with_cls_token:
-                    q, kv = torch.cat((cls_token, q), dim=1), torch.cat((cls_token, kv), dim=1)
-                q = self.q(q)
-                k, v = self.kv(kv).split(C, dim=-1)  # [B, Tkv, C] each, strided views
-        x = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), scale=1.0)
-        x = x.transpose(1, 2).reshape(B, -1, C)  # [B, T, C]; the CPU kernel's output is already this layout
-        return self.proj(x, residual)
-
-
-class FusedMlp(nn.Module):
-    """Inference MLP: fc1 + activation in one oneDNN call, fc2 + the residual add in another."""
-
-    def __init__(self, mlp: Mlp, act: str) -> None:
-        super().__init__()
-        if act == "quick_gelu":
-            a = _QUICK_GELU_ALPHA
-            self.fc1 = FusedLinear(mlp.fc1.weight * a, mlp.fc1.bias * a, "silu")
-            self.fc2 = FusedLinear(mlp.fc2.weight / a, mlp.fc2.bias)
-        else:
-            self.fc1 = FusedLinear(mlp.fc1.weight, mlp.fc1.bias, "gelu")
-            self.fc2 = FusedLinear(mlp.fc2.weight, mlp.fc2.bias)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x), residual)
-
-
-class FusedBlock(nn.Module):
-    """Inference-only transformer block: ``x + attn(norm1(x))``, then ``+ mlp(norm2(.))``, fused."""
-
-    def __init__(self, block: Block, method: str, act: str) -> None:
-        super().__init__()
-        self.norm1 = copy.deepcopy(block.norm1)
-        self.attn = FusedAttention(block.attn, method)
-        self.norm2 = copy.deepcopy(block.norm2)
-        self.mlp = FusedMlp(block.mlp, act)
-
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = self.attn(self.norm1(x), x, H, W)
-        return self.mlp(self.norm2(x), x)
-
-    def train(self, mode: bool = True) -> "FusedBlock":
-        if mode:
-            raise RuntimeError("a model from fuse_for_inference is inference-only: train the original CvT")
-        return super().train(False)
-
-
-@torch.no_grad()
-def fuse_for_inference(model: CvT) -> CvT:
-    """A copy of ``model`` for fast inference: same logits within 1e-4, eval-only.
-
-    The copy keeps CvT's methods (``forward``, ``forward_features``, ``forward_intermediates``,
-    ``forward_head``); its blocks are fused (see the module docstring), the rest of it (embeddings,
-    head) gets the fast path. Its state dict is not a checkpoint: save the original model.
-    ``torch.compile`` on top measured slower (its linears leave oneDNN; docs/performance.md), so
-    it is not offered. While exporting or compiling the fused layers run portable ATen ops
-    (``F.linear``, ``F.gelu``, adds), so the copy also exports to ONNX and torch.export.
-    """
-    if not isinstance(model, CvT):
-        raise TypeError(f"fuse_for_inference expects a torchcvt CvT, got {type(model).__name__}")
-    opt = copy.deepcopy(model).eval()
-    config = model.config
-    for i, stage in enumerate(opt.stages):
-        stage.blocks = nn.ModuleList(FusedBlock(b, config.qkv_projection_method[i], config.hidden_act) for b in stage.blocks)
-    return apply_fast_path(opt).requires_grad_(False)
