@@ -15,7 +15,6 @@ import torchcvt
 from torchcvt import CvT, CvTConfig, apply_fast_path, remove_fast_path
 from torchcvt import fastpath
 from torchcvt.fastpath import OneDNNLinear, OneDNNMlp, onednn_available, use_onednn
-from torchcvt import fused as fused_module
 from torchcvt.fused import FusedBlock, fuse_for_inference
 from torchcvt.model import Mlp
 
@@ -282,50 +281,35 @@ def test_gemm_engine_is_measured_once_per_machine_and_can_be_forced(monkeypatch,
     """Without $TORCHCVT_GEMM the faster engine of a stored measurement is used; it is measured once, then read."""
     monkeypatch.delenv("TORCHCVT_GEMM")
     monkeypatch.setenv("TORCHCVT_CACHE", str(tmp_path))
-    fastpath._measured_gemm_engines.cache_clear()
+    fastpath._measured_gemm_engine.cache_clear()
     monkeypatch.setattr(fastpath, "onednn_available", lambda: True)
     monkeypatch.setattr(fastpath.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine: the timing is stored
-    measured = fastpath.time_gemm_engines(rounds=1)  # the real timing, once: both engines, every shape, seconds > 0
-    keys = {f"{k}x{n} {e}" for _, k, n, e, _ in fastpath._TIMED_SHAPES}
-    assert set(measured) == {"mkl", "onednn"} and all(set(t) == keys and min(t.values()) > 0 for t in measured.values())
-
-    def timing(mkl: float, onednn: float) -> dict[str, dict[str, float]]:
-        return {"mkl": dict.fromkeys(keys, mkl), "onednn": dict.fromkeys(keys, onednn)}
-
+    measured = fastpath.time_gemm_engines(rounds=1)  # the real timing, once: both engines, seconds > 0
+    assert set(measured) == {"mkl", "onednn"} and min(measured.values()) > 0
     calls = []
-    for fake, expected in ((timing(0.2, 0.1), "onednn"), (timing(0.1, 0.2), "mkl")):
+    for fake, expected in (({"mkl": 0.2, "onednn": 0.1}, "onednn"), ({"mkl": 0.1, "onednn": 0.2}, "mkl")):
         (tmp_path / "measurements.json").unlink(missing_ok=True)
-        fastpath._measured_gemm_engines.cache_clear()
+        fastpath._measured_gemm_engine.cache_clear()
         monkeypatch.setattr(fastpath, "time_gemm_engines", lambda fake=fake: calls.append(fake) or fake)
         assert fastpath.gemm_engine() == expected
-        fastpath._measured_gemm_engines.cache_clear()
+        fastpath._measured_gemm_engine.cache_clear()
         assert fastpath.gemm_engine() == expected  # from the record: not timed again
         assert len(calls) == 1 and "gemm_seconds" in (tmp_path / "measurements.json").read_text()
         calls.clear()
-    # Per shape: the fused layers follow each shape's winner, the training layers the total.
-    mixed = timing(0.1, 0.2)
-    mixed["onednn"]["64x256 silu"] = 0.05
-    (tmp_path / "measurements.json").unlink()
-    fastpath._measured_gemm_engines.cache_clear()
-    monkeypatch.setattr(fastpath, "time_gemm_engines", lambda: mixed)
-    assert fastpath.gemm_engine() == "mkl"
-    assert fastpath.gemm_engine_for(64, 256, "silu") == "onednn" and fastpath.gemm_engine_for(64, 256, "add") == "mkl"
-    assert fastpath.gemm_engine_for(384, 1536, "silu") == "mkl" and fastpath.gemm_engine_for(100, 7, "none") == "mkl"
-    monkeypatch.setattr(fastpath, "time_gemm_engines", lambda fake=mixed: calls.append(fake) or fake)
     # Timed on a busy machine: used by this process, not stored, so the next process times again.
     monkeypatch.setattr(fastpath.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     monkeypatch.setattr(fastpath.os, "cpu_count", lambda: 2)
     (tmp_path / "measurements.json").unlink()
-    fastpath._measured_gemm_engines.cache_clear()
+    fastpath._measured_gemm_engine.cache_clear()
     assert fastpath.gemm_engine() == "mkl" and len(calls) == 1 and not (tmp_path / "measurements.json").exists()
-    fastpath._measured_gemm_engines.cache_clear()
+    fastpath._measured_gemm_engine.cache_clear()
     assert fastpath.gemm_engine() == "mkl" and len(calls) == 2
     monkeypatch.setenv("TORCHCVT_GEMM", "onednn")
     assert fastpath.gemm_engine() == "onednn"
     monkeypatch.setenv("TORCHCVT_GEMM", "blas")
     with pytest.raises(torchcvt.ConfigError, match="TORCHCVT_GEMM='blas': expected one of onednn, mkl"):
         fastpath.gemm_engine()
-    fastpath._measured_gemm_engines.cache_clear()
+    fastpath._measured_gemm_engine.cache_clear()
 
 
 def test_mkl_engine_gives_the_same_numbers(monkeypatch):
@@ -346,29 +330,6 @@ def test_mkl_engine_gives_the_same_numbers(monkeypatch):
         assert (fused(x) - reference).abs().max() < 1e-4
     with torch.inference_mode():
         assert (fused(x) - reference).abs().max() < 1e-4
-
-
-def test_fused_layers_on_mixed_engines_give_the_same_numbers(monkeypatch):
-    """Each fused linear runs the engine chosen for its shape; a mix of oneDNN and MKL layers matches the plain model."""
-    torch.manual_seed(3)
-    model = CvT(config=tiny(hidden_act="quick_gelu")).eval()
-    randomize_norms(model)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        reference = model(x)
-    chosen = []
-
-    def by_shape(in_features: int, out_features: int, epilogue: str) -> str:
-        engine = "onednn" if (in_features + out_features + len(epilogue)) % 2 else "mkl"
-        chosen.append(engine)
-        return engine
-
-    monkeypatch.setattr(fused_module, "gemm_engine_for", by_shape)
-    fused = fuse_for_inference(model)
-    with torch.inference_mode():
-        assert (fused(x) - reference).abs().max() < 1e-4
-    if onednn_available():  # without the op every layer runs F.linear whatever the choice
-        assert set(chosen) == {"onednn", "mkl"}
 
 
 def test_a_bad_gemm_override_stops_a_command_before_it_writes(monkeypatch, tmp_path, capsys):

@@ -8,17 +8,14 @@ can be taken off again, and is the only module of torchcvt that names private to
   every ``Mlp`` for ``OneDNNMlp``: same parameters, same state dict, same numbers (fp32 rounding
   aside), training included. ``remove_fast_path(model)`` swaps them back. ``create_model`` and
   ``load_model`` return fast models; a ``CvT(...)`` built directly is the plain model.
-* ``gemm_engine()`` (the training layers) and ``gemm_engine_for(...)`` (each fused inference
-  layer's shape, ``fused.py``) say which GEMM is faster on this CPU; ``onednn_linear_epilogue``
-  runs a linear with its activation or residual add in one oneDNN call.
+* ``onednn_linear_epilogue`` runs a linear with its activation or residual add in one oneDNN call;
+  ``fused.py`` builds the fused inference copy on it.
 
 Why: PyTorch sends fp32 CPU matrix products to MKL; on some CPUs oneDNN's GEMM (also in PyTorch)
 is about twice as fast (AVX-512 Zen 5: 2.2x), on others MKL is faster (AVX2 Zen 3: oneDNN 0.9x on
 CvT's shapes; docs/performance.md). ``gemm_engine()`` times both on CvT's linear shapes once per CPU,
-torch version and thread count (2 s with 2 threads on a Zen 3; kept in ``measurements.json``;
-``$TORCHCVT_GEMM=onednn|mkl`` overrides it). With ``"mkl"`` the layers here run ``F.linear``. The
-timing keeps each shape's result, because the answer differs by shape: on a Zen 3 oneDNN wins the
-64-wide linears of stage 1 and MKL the rest.
+torch version and thread count (1.7 s with 2 threads on a Zen 3; kept in ``measurements.json``;
+``$TORCHCVT_GEMM=onednn|mkl`` overrides it). With ``"mkl"`` the layers here run ``F.linear``.
 The private op is probed once, at first use; where a torch version lacks it (or it computes
 something else), and under compile, export, autocast and dispatch modes (FLOP counters, fake
 tensors), every layer here runs plain ``F.linear``, which all of those understand.
@@ -101,8 +98,8 @@ def onednn_available() -> bool:
         return False
 
 
-def onednn_usable(x: torch.Tensor) -> bool:
-    """Whether a linear on ``x`` can run on oneDNN: fp32 CPU tensors in plain eager mode, the op available."""
+def use_onednn(x: torch.Tensor) -> bool:
+    """Whether to run a linear on oneDNN: fp32 CPU tensors in plain eager mode, the op available."""
     return (
         not torch.compiler.is_compiling()  # first: under torch.compile the rest is not even traced
         and not torch.compiler.is_exporting()
@@ -112,62 +109,33 @@ def onednn_usable(x: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not _dispatch_mode_active()
         and onednn_available()  # the probe runs in plain eager mode only
+        and gemm_engine() == "onednn"  # last: the measurement too
     )
-
-
-def use_onednn(x: torch.Tensor) -> bool:
-    """Whether the training layers run a linear on ``x`` on oneDNN: usable, and the faster on this CPU."""
-    return onednn_usable(x) and gemm_engine() == "onednn"  # last: the measurement
 
 
 # --------------------------------------------------------------- which GEMM is faster on this CPU
 GEMM_ENGINES = ("onednn", "mkl")
-# Timed on CvT-13's linears at batch 4, each with what follows it in the fused model (``fused.py``):
-# (tokens, in, out, epilogue, how many a forward has); epilogue "silu": the MLP's activation, "add":
-# the residual add after proj and fc2; k/v have 1/4 of the tokens.
+# The choice is timed on CvT-13's linears at batch 4: (tokens, in, out, how many a forward has; k/v: 1/4 the tokens).
 _TIMED_SHAPES = (
-    (12544, 64, 64, "none", 1), (3136, 64, 64, "none", 2), (12544, 64, 256, "silu", 1),
-    (12544, 256, 64, "add", 1), (12544, 64, 64, "add", 1),
-    (3136, 192, 192, "none", 2), (784, 192, 192, "none", 4), (3136, 192, 768, "silu", 2),
-    (3136, 768, 192, "add", 2), (3136, 192, 192, "add", 2),
-    (788, 384, 384, "none", 10), (200, 384, 384, "none", 20), (788, 384, 1536, "silu", 10),
-    (788, 1536, 384, "add", 10), (788, 384, 384, "add", 10),
+    (12544, 64, 64, 2), (3136, 64, 64, 2), (12544, 64, 256, 1), (12544, 256, 64, 1),
+    (3136, 192, 192, 4), (784, 192, 192, 4), (3136, 192, 768, 2), (3136, 768, 192, 2),
+    (788, 384, 384, 20), (200, 384, 384, 20), (788, 384, 1536, 10), (788, 1536, 384, 10),
 )
 
 
-def _shape_key(in_features: int, out_features: int, epilogue: str) -> str:
-    return f"{in_features}x{out_features} {epilogue}"
-
-
-def _timed_keys() -> set[str]:
-    return {_shape_key(k, m, epilogue) for _, k, m, epilogue, _ in _TIMED_SHAPES}
-
-
-def _mkl_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, epilogue: str,
-                residual2d: torch.Tensor | None = None) -> torch.Tensor:
-    """What a fused layer does on MKL under no-grad: ``F.linear``, then the epilogue in place."""
-    out = F.linear(x2d, weight, bias)
-    return out.add_(residual2d) if epilogue == "add" else F.silu(out, inplace=True) if epilogue == "silu" else out
-
-
-def time_gemm_engines(rounds: int = 3) -> dict[str, dict[str, float]]:
-    """Seconds per forward's worth of each of CvT-13's linear shapes (``_TIMED_SHAPES``), with its
-    epilogue, on MKL and on oneDNN, timed alternately: ``{engine: {shape key: seconds}}``."""
+def time_gemm_engines(rounds: int = 3) -> dict[str, float]:
+    """Seconds per forward's worth of CvT-13 linears (``_TIMED_SHAPES``) on MKL and on oneDNN, timed alternately."""
     generator = torch.Generator().manual_seed(0)  # not the global generator: training's random stream stays as it is
-    work: dict[str, list] = {}  # shape key -> the operands of each of its calls in a forward (q and k/v share a key)
-    for n, k, m, epilogue, count in _TIMED_SHAPES:
-        operands = tuple(torch.rand(*shape, generator=generator) for shape in ((n, k), (m, k), (m,), (n, m)))
-        work.setdefault(_shape_key(k, m, epilogue), []).extend([(*operands, epilogue)] * count)
-    candidates = {
-        (engine, key): lambda f=linear, calls=calls: [f(x, w, b, e, r) for x, w, b, r, e in calls]
-        for key, calls in work.items() for engine, linear in (("mkl", _mkl_linear), ("onednn", onednn_linear_epilogue))
-    }
+    operands = [shape for n, k, m, count in _TIMED_SHAPES  # the same tensors as often as a forward has the shape
+                for shape in [(torch.rand(n, k, generator=generator), torch.rand(m, k, generator=generator), torch.rand(m, generator=generator))] * count]
+
+    def run(linear) -> None:
+        for x, w, b in operands:
+            linear(x, w, b)
+
     with torch.inference_mode():
-        times = time_alternating(candidates, repeats=rounds)
-    seconds: dict[str, dict[str, float]] = {engine: {} for engine in GEMM_ENGINES}
-    for (engine, key), t in times.items():
-        seconds[engine][key] = round(statistics.median(t), 6)
-    return seconds
+        times = time_alternating({"mkl": lambda: run(F.linear), "onednn": lambda: run(_linear_pointwise)}, repeats=rounds)
+    return {name: round(statistics.median(t), 5) for name, t in times.items()}
 
 
 def gemm_override() -> str | None:
@@ -179,22 +147,18 @@ def gemm_override() -> str | None:
 
 
 @functools.cache
-def _measured_gemm_engines(threads: int) -> tuple[str, dict[str, str]]:
-    """The faster engine overall (for the training layers) and per timed shape (for the fused layers)."""
-    key, description = record_key({"linears": "cvt-13 at batch 4, with epilogues"}, threads)
-    seconds = (read_record(key) or {}).get("gemm_seconds")
-    if not isinstance(seconds, dict) or set(seconds) != set(GEMM_ENGINES) or not all(
-            isinstance(seconds[e], dict) and set(seconds[e]) == _timed_keys() for e in GEMM_ENGINES):
-        logger.info("fast path: timing MKL against oneDNN once for this CPU and %d threads", threads)
-        seconds = time_gemm_engines()
-        update_record(key, description, {"gemm_seconds": seconds})  # not under load, nor in a read-only cache: used now either way
-    total = {engine: sum(seconds[engine].values()) for engine in GEMM_ENGINES}
-    overall = "onednn" if total["onednn"] < total["mkl"] else "mkl"  # a tie goes to MKL, PyTorch's default
-    by_shape = {key: "onednn" if seconds["onednn"][key] < seconds["mkl"][key] else "mkl" for key in seconds["mkl"]}
-    logger.info("fast path: linears on %s (%d threads: MKL %.0f ms, oneDNN %.0f ms for CvT-13's linears; fused layers "
-                "per shape: %d of %d on oneDNN)", overall, threads, 1e3 * total["mkl"], 1e3 * total["onednn"],
-                sum(e == "onednn" for e in by_shape.values()), len(by_shape))
-    return overall, by_shape
+def _measured_gemm_engine(threads: int) -> str:
+    key, description = record_key({"linears": "cvt-13 at batch 4"}, threads)
+    record = read_record(key) or {}
+    if not isinstance(record.get("gemm_seconds"), dict) or set(record["gemm_seconds"]) != set(GEMM_ENGINES):
+        logger.info("fast path: timing MKL against oneDNN once for this CPU and %d threads (seconds)", threads)
+        record = {"gemm_seconds": time_gemm_engines()}
+        update_record(key, description, record)  # not under load, nor in a read-only cache: used now either way
+    seconds = record["gemm_seconds"]
+    engine = "onednn" if seconds["onednn"] < seconds["mkl"] else "mkl"  # a tie goes to MKL, PyTorch's default
+    logger.info("fast path: linears on %s (%d threads: MKL %.0f ms, oneDNN %.0f ms for CvT-13's linears)",
+                engine, threads, 1e3 * seconds["mkl"], 1e3 * seconds["onednn"])
+    return engine
 
 
 def gemm_engine() -> str:
@@ -202,19 +166,7 @@ def gemm_engine() -> str:
     forced = gemm_override()
     if forced is not None or not onednn_available():
         return forced or "mkl"
-    return _measured_gemm_engines(torch.get_num_threads())[0]
-
-
-def gemm_engine_for(in_features: int, out_features: int, epilogue: str) -> str:
-    """The engine for one fused linear (epilogue ``"none"``, ``"silu"``, ``"gelu"`` or ``"add"``):
-    ``$TORCHCVT_GEMM``, else the faster measured for its shape on this CPU, else ``gemm_engine()``.
-
-    On a Zen 3, oneDNN wins stage 1's linears (64 inputs) and MKL the rest (docs/performance.md)."""
-    forced = gemm_override()
-    if forced is not None or not onednn_available():
-        return forced or "mkl"
-    overall, by_shape = _measured_gemm_engines(torch.get_num_threads())
-    return by_shape.get(_shape_key(in_features, out_features, epilogue), overall)
+    return _measured_gemm_engine(torch.get_num_threads())
 
 
 def onednn_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

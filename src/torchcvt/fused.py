@@ -2,8 +2,8 @@
 
 ``fuse_for_inference(model)`` folds BatchNorm into the convolutional projections and the attention
 scale into q, merges projections that read the same input, and runs each linear with what follows it
-(GELU/SiLU, the residual add) in one call: on oneDNN where that measured faster for the layer's shape
-on this CPU (``fastpath.gemm_engine_for``), else ``F.linear`` with the epilogue in place. The
+(GELU/SiLU, the residual add) in one oneDNN call where oneDNN is this CPU's faster GEMM
+(``fastpath.gemm_engine``), else ``F.linear`` with the epilogue in place. The
 embedding convolutions keep channels-last weights, so every convolution reads and writes channels-last
 maps and the tokens come out of them without a copy. A layer of the fast path (``fastpath.py``): the
 plain model (``model.py``) stays the reference, and the copy's logits match it within 1e-4.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fastpath import apply_fast_path, gemm_engine_for, onednn_linear_epilogue, onednn_usable
+from .fastpath import apply_fast_path, onednn_linear_epilogue, use_onednn
 from .model import Attention, Block, CvT, Mlp
 
 # x * sigmoid(1.702 x) = silu(1.702 x) / 1.702: fc1 is scaled up and fc2 down by this factor.
@@ -35,7 +35,7 @@ class FusedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         epilogue = self.activation if residual is None else "add"
-        if onednn_usable(x) and gemm_engine_for(self.weight.shape[1], self.weight.shape[0], epilogue) == "onednn":
+        if use_onednn(x):
             x2d = x.reshape(-1, x.shape[-1])  # [N, C_in]: oneDNN's linear takes 2-D inputs
             residual2d = None if residual is None else residual.reshape(x2d.shape[0], -1)
             out = onednn_linear_epilogue(x2d, self.weight, self.bias, epilogue, residual2d)
