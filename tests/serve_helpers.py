@@ -36,15 +36,17 @@ class Server:
         self.log_path = log
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.log_file = open(log, "w")  # the server's stderr; closed by stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "torchcvt", "serve", "--weights", str(weights), "--name", name,
              "--port", str(self.port), "--threads", "1", *options],
-            stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env,
+            stdout=subprocess.DEVNULL, stderr=self.log_file, env=env,
         )
         self.ready_polls = 0  # responses the readiness loop received (the server counts them too)
         deadline = time.monotonic() + START_LIMIT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"cvt serve exited with {self.process.returncode}:\n{self.log()}")
             try:
                 response = httpx.get(self.url + "/v2/health/ready", timeout=5)
@@ -61,9 +63,13 @@ class Server:
         return self.log_path.read_text()
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=START_LIMIT)
+        """SIGTERM, then the exit status; the log file is closed (it stays readable through ``log()``)."""
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+            return self.process.wait(timeout=START_LIMIT)
+        finally:
+            self.log_file.close()
 
 
 def image_bytes(seed: int, size: tuple[int, int] = (96, 80), fmt: str = "PNG") -> bytes:

@@ -96,12 +96,23 @@ def test_health_and_metadata(server):
 
 def test_openapi_docs_and_page(server):
     with httpx.Client(base_url=server.url) as c:
-        paths = c.get("/openapi.json").json()["paths"]
+        openapi = c.get("/openapi.json").json()
         docs = c.get("/docs")
         page = c.get("/")
+    paths = openapi["paths"]
     for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/{name}", "/v2/models/{name}/ready",
                  "/v2/models/{name}/infer", "/predict", "/attention", "/metrics"):
         assert path in paths
+
+    def resolved(schema: dict) -> dict:
+        ref = schema.get("$ref", "")
+        return openapi["components"]["schemas"][ref.rsplit("/", 1)[-1]] if ref else schema
+
+    # The protocol's request body is documented, down to the fields of an input tensor.
+    body = resolved(paths["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"])
+    assert body["required"] == ["inputs"]
+    tensor = resolved(body["properties"]["inputs"]["items"])
+    assert set(tensor["required"]) == {"name", "shape", "datatype", "data"}
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert page.status_code == 200 and '"model": "tiny"' in page.text and '"attention": true' in page.text
 
@@ -261,8 +272,13 @@ def test_limits_pixels_and_body_size(strict_server):
         assert_error(c.post("/predict", files={"file": ("big.png", big.getvalue())}), 400, "big.png", "too large", "1500x1000")
         body = b"\0" * (1024 * 1024 + 1)
         assert_error(c.post("/predict", content=body, headers={"content-type": "image/png"}), 413, "limit")
-        chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))  # no Content-Length: chunked
-        assert_error(c.post("/predict", content=chunks, headers={"content-type": "image/png"}), 413, "limit")
+        def chunks(data: bytes):  # no Content-Length: chunked
+            return (data[i:i + 65536] for i in range(0, len(data), 65536))
+
+        assert_error(c.post("/predict", content=chunks(body), headers={"content-type": "image/png"}), 413, "limit")
+        too_long = json.dumps(infer_body(data=[b64(body)])).encode()
+        for headers in ({}, {"content-type": "application/json"}):  # FastAPI's JSON parsing, if it did any
+            assert_error(c.post("/v2/models/tiny/infer", content=chunks(too_long), headers=headers), 413, "limit")
         infer = infer_body("image_bytes", "BYTES", (3,), [b64(image_bytes(1))] * 3)
         assert_error(c.post("/v2/models/tiny/infer", json=infer), 413, "at most 2")
         assert c.get("/v2/health/ready").status_code == 200
@@ -334,6 +350,8 @@ def test_cli_errors_are_one_line(tmp_path):
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
     workers = cvt("--weights", "cvt-tiny", "--workers", "0")
     assert workers.returncode == 1 and "--workers" in workers.stderr
+    pixels = cvt("--weights", "cvt-tiny", "--max-pixels", "-1")  # parsed as cvt predict parses it
+    assert pixels.returncode == 2 and "--max-pixels: must be >= 0 (0: no limit)" in pixels.stderr
 
 
 @pytest.mark.slow
