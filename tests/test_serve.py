@@ -25,7 +25,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="cvt serve needs the serve extra: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import ROOT, Server, image_bytes  # noqa: E402
+from serve_helpers import ANSWER_LIMIT, ROOT, Server, image_bytes  # noqa: E402
 
 from torchcvt import load_model  # noqa: E402
 from torchcvt.inference import class_labels  # noqa: E402
@@ -80,7 +80,7 @@ def assert_error(response, status: int, *words: str) -> None:
 
 # --------------------------------------------------------------------------------------- health
 def test_health_and_metadata(server):
-    with httpx.Client(base_url=server.url) as c:
+    with httpx.Client(base_url=server.url, timeout=ANSWER_LIMIT) as c:
         assert c.get("/v2/health/live").json() == {"live": True}
         assert c.get("/v2/health/ready").json() == {"ready": True}
         assert c.get("/v2/models/tiny/ready").json() == {"name": "tiny", "ready": True}
@@ -95,7 +95,7 @@ def test_health_and_metadata(server):
 
 
 def test_openapi_docs_and_page(server):
-    with httpx.Client(base_url=server.url) as c:
+    with httpx.Client(base_url=server.url, timeout=ANSWER_LIMIT) as c:
         openapi = c.get("/openapi.json").json()
         docs = c.get("/docs")
         page = c.get("/")
@@ -192,7 +192,7 @@ def test_concurrent_requests_all_succeed_with_one_answer_per_image(server):
     answers = {i: {text for j, _, text in results if j == i} for i in range(4)}
     assert all(len(a) == 1 for a in answers.values()), answers
     assert len({next(iter(a)) for a in answers.values()}) == 4  # four images, four different answers
-    metrics = httpx.get(f"{server.url}/metrics").text
+    metrics = httpx.get(f"{server.url}/metrics", timeout=ANSWER_LIMIT).text
     batches = re.search(r"^cvt_batch_size_count ([\d.]+)$", metrics, re.M)
     images_done = re.search(r"^cvt_images_total ([\d.]+)$", metrics, re.M)
     assert batches and images_done and float(batches[1]) < float(images_done[1])  # some batches held several images
@@ -200,13 +200,14 @@ def test_concurrent_requests_all_succeed_with_one_answer_per_image(server):
 
 def test_metrics_count_requests_and_images(server):
     def scrape() -> dict[str, float]:
-        text = httpx.get(f"{server.url}/metrics").text
+        text = httpx.get(f"{server.url}/metrics", timeout=ANSWER_LIMIT).text
         return {m[1]: float(m[2]) for m in re.finditer(r"^(\S+) ([0-9.e+-]+)$", text, re.M)}
 
     before = scrape()
     files = [("file", (f"{i}.png", image_bytes(20 + i))) for i in range(3)]
     assert httpx.post(f"{server.url}/predict", files=files, timeout=60).status_code == 200
-    assert httpx.post(f"{server.url}/predict?top_k=0", content=b"x", headers={"content-type": "image/png"}).status_code == 400
+    assert httpx.post(f"{server.url}/predict?top_k=0", content=b"x", headers={"content-type": "image/png"},
+                      timeout=ANSWER_LIMIT).status_code == 400
     after = scrape()
     ok = 'cvt_requests_total{endpoint="/predict",status="200"}'
     bad = 'cvt_requests_total{endpoint="/predict",status="400"}'
