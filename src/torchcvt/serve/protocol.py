@@ -1,7 +1,8 @@
 """The Open Inference Protocol v2 (KServe V2) as this server speaks it over REST.
 
-Request and response bodies are pydantic models, so FastAPI validates them and the OpenAPI page
-documents them. One model, two ways to send images (exactly one input per request):
+Request and response bodies are pydantic models, which validate them and document them on the
+OpenAPI page; ``read_request`` parses an ``infer`` body (the server runs it in a thread, off the
+event loop). One model, two ways to send images (exactly one input per request):
 
 * ``pixel_values``, FP32 ``[B, 3, S, S]``: pixels already preprocessed as the weights expect
   (normalised, ``S`` the model's input size), nested or flattened in row-major order;
