@@ -25,7 +25,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="cvt serve needs the serve extra: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import ROOT, Server, image_bytes  # noqa: E402
+from serve_helpers import ANSWER_LIMIT, ROOT, Server, image_bytes  # noqa: E402
 
 from torchcvt import load_model  # noqa: E402
 from torchcvt.inference import class_labels  # noqa: E402
@@ -80,7 +80,7 @@ def assert_error(response, status: int, *words: str) -> None:
 
 # --------------------------------------------------------------------------------------- health
 def test_health_and_metadata(server):
-    with httpx.Client(base_url=server.url) as c:
+    with httpx.Client(base_url=server.url, timeout=ANSWER_LIMIT) as c:
         assert c.get("/v2/health/live").json() == {"live": True}
         assert c.get("/v2/health/ready").json() == {"ready": True}
         assert c.get("/v2/models/tiny/ready").json() == {"name": "tiny", "ready": True}
@@ -95,13 +95,24 @@ def test_health_and_metadata(server):
 
 
 def test_openapi_docs_and_page(server):
-    with httpx.Client(base_url=server.url) as c:
-        paths = c.get("/openapi.json").json()["paths"]
+    with httpx.Client(base_url=server.url, timeout=ANSWER_LIMIT) as c:
+        openapi = c.get("/openapi.json").json()
         docs = c.get("/docs")
         page = c.get("/")
+    paths = openapi["paths"]
     for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/{name}", "/v2/models/{name}/ready",
                  "/v2/models/{name}/infer", "/predict", "/attention", "/metrics"):
         assert path in paths
+
+    def resolved(schema: dict) -> dict:
+        ref = schema.get("$ref", "")
+        return openapi["components"]["schemas"][ref.rsplit("/", 1)[-1]] if ref else schema
+
+    # The protocol's request body is documented, down to the fields of an input tensor.
+    body = resolved(paths["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"])
+    assert body["required"] == ["inputs"]
+    tensor = resolved(body["properties"]["inputs"]["items"])
+    assert set(tensor["required"]) == {"name", "shape", "datatype", "data"}
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert page.status_code == 200 and '"model": "tiny"' in page.text and '"attention": true' in page.text
 
@@ -181,7 +192,7 @@ def test_concurrent_requests_all_succeed_with_one_answer_per_image(server):
     answers = {i: {text for j, _, text in results if j == i} for i in range(4)}
     assert all(len(a) == 1 for a in answers.values()), answers
     assert len({next(iter(a)) for a in answers.values()}) == 4  # four images, four different answers
-    metrics = httpx.get(f"{server.url}/metrics").text
+    metrics = httpx.get(f"{server.url}/metrics", timeout=ANSWER_LIMIT).text
     batches = re.search(r"^cvt_batch_size_count ([\d.]+)$", metrics, re.M)
     images_done = re.search(r"^cvt_images_total ([\d.]+)$", metrics, re.M)
     assert batches and images_done and float(batches[1]) < float(images_done[1])  # some batches held several images
@@ -189,13 +200,14 @@ def test_concurrent_requests_all_succeed_with_one_answer_per_image(server):
 
 def test_metrics_count_requests_and_images(server):
     def scrape() -> dict[str, float]:
-        text = httpx.get(f"{server.url}/metrics").text
+        text = httpx.get(f"{server.url}/metrics", timeout=ANSWER_LIMIT).text
         return {m[1]: float(m[2]) for m in re.finditer(r"^(\S+) ([0-9.e+-]+)$", text, re.M)}
 
     before = scrape()
     files = [("file", (f"{i}.png", image_bytes(20 + i))) for i in range(3)]
     assert httpx.post(f"{server.url}/predict", files=files, timeout=60).status_code == 200
-    assert httpx.post(f"{server.url}/predict?top_k=0", content=b"x", headers={"content-type": "image/png"}).status_code == 400
+    assert httpx.post(f"{server.url}/predict?top_k=0", content=b"x", headers={"content-type": "image/png"},
+                      timeout=ANSWER_LIMIT).status_code == 400
     after = scrape()
     ok = 'cvt_requests_total{endpoint="/predict",status="200"}'
     bad = 'cvt_requests_total{endpoint="/predict",status="400"}'
@@ -261,8 +273,13 @@ def test_limits_pixels_and_body_size(strict_server):
         assert_error(c.post("/predict", files={"file": ("big.png", big.getvalue())}), 400, "big.png", "too large", "1500x1000")
         body = b"\0" * (1024 * 1024 + 1)
         assert_error(c.post("/predict", content=body, headers={"content-type": "image/png"}), 413, "limit")
-        chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))  # no Content-Length: chunked
-        assert_error(c.post("/predict", content=chunks, headers={"content-type": "image/png"}), 413, "limit")
+        def chunks(data: bytes):  # no Content-Length: chunked
+            return (data[i:i + 65536] for i in range(0, len(data), 65536))
+
+        assert_error(c.post("/predict", content=chunks(body), headers={"content-type": "image/png"}), 413, "limit")
+        too_long = json.dumps(infer_body(data=[b64(body)])).encode()
+        for headers in ({}, {"content-type": "application/json"}):  # FastAPI's JSON parsing, if it did any
+            assert_error(c.post("/v2/models/tiny/infer", content=chunks(too_long), headers=headers), 413, "limit")
         infer = infer_body("image_bytes", "BYTES", (3,), [b64(image_bytes(1))] * 3)
         assert_error(c.post("/v2/models/tiny/infer", json=infer), 413, "at most 2")
         assert c.get("/v2/health/ready").status_code == 200
@@ -334,6 +351,8 @@ def test_cli_errors_are_one_line(tmp_path):
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
     workers = cvt("--weights", "cvt-tiny", "--workers", "0")
     assert workers.returncode == 1 and "--workers" in workers.stderr
+    pixels = cvt("--weights", "cvt-tiny", "--max-pixels", "-1")  # parsed as cvt predict parses it
+    assert pixels.returncode == 2 and "--max-pixels: must be >= 0 (0: no limit)" in pixels.stderr
 
 
 @pytest.mark.slow

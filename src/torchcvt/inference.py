@@ -157,12 +157,20 @@ class Classifier:
         return preprocess(image, self.preprocess_config, name)
 
     @torch.inference_mode()
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities ``[B, num_classes]`` (float32, on ``self.device``) of a preprocessed
+        ``[B, 3, H, W]`` batch."""
+        x = pixels.to(self.device, self.dtype, non_blocking=True)
+        return self.runner(x).float().softmax(dim=-1)
+
     def predict_batch(self, pixels: torch.Tensor, top_k: int = 5) -> TopK:
         """Top-k softmax probabilities of a preprocessed ``[B, 3, H, W]`` batch (float32, on the CPU)."""
-        x = pixels.to(self.device, self.dtype, non_blocking=True)
-        probs = self.runner(x).float().softmax(dim=-1)  # [B, num_classes]
-        scores, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)  # [B, k] each
-        return TopK(scores.cpu(), indices.cpu())
+        return best_k(self.probabilities(pixels), top_k)
+
+    def ranked(self, top: TopK) -> list[list[tuple[int, str, float]]]:
+        """Per image of ``top``, its classes as ``(index, label, score)``, best first."""
+        return [[(i, self.labels[i], s) for i, s in zip(idx, sc)]
+                for idx, sc in zip(top.indices.tolist(), top.scores.tolist())]
 
     def __call__(
         self, images: ImageSource | Sequence[ImageSource], top_k: int = 5
@@ -177,12 +185,20 @@ class Classifier:
         results: list[list[Prediction]] = []
         for start in range(0, len(batch), self.batch_size):
             pixels = torch.stack([self.preprocess(im) for im in batch[start:start + self.batch_size]])
-            top = self.predict_batch(pixels, top_k)
-            results += [
-                [(self.labels[i], s) for i, s in zip(idx, sc)]
-                for idx, sc in zip(top.indices.tolist(), top.scores.tolist())
-            ]
+            results += [[(label, s) for _, label, s in row] for row in self.ranked(self.predict_batch(pixels, top_k))]
         return results[0] if single else results
+
+
+def best_k(probabilities: torch.Tensor, k: int) -> TopK:
+    """The ``k`` most probable classes of each row of ``[B, num_classes]`` probabilities (``k`` capped
+    at the number of classes), on the CPU."""
+    scores, indices = probabilities.topk(min(k, probabilities.shape[-1]), dim=-1)  # [B, k] each
+    return TopK(scores.cpu(), indices.cpu())
+
+
+def json_top_k(ranked: Sequence[tuple[int, str, float]]) -> list[dict]:
+    """One image's ``(index, label, score)`` rows as ``cvt predict --format json`` writes them."""
+    return [{"label": label, "index": index, "score": round(score, 6)} for index, label, score in ranked]
 
 
 # ------------------------------------------------------------------------------- finding images
@@ -278,8 +294,7 @@ class ResultWriter:
     def write(self, rows: list[Row]) -> None:
         for path, top in rows:
             if self.fmt == "json":
-                entries = [{"label": label, "index": index, "score": round(score, 6)} for index, label, score in top]
-                self.stream.write(to_json({"path": path, "top_k": entries}, ensure_ascii=False) + "\n")
+                self.stream.write(to_json({"path": path, "top_k": json_top_k(top)}, ensure_ascii=False) + "\n")
             elif self.fmt == "csv":
                 self.csv.writerows([path, rank, index, label, f"{score:.6f}"] for rank, (index, label, score) in enumerate(top, 1))
             else:
@@ -319,11 +334,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_image_safety_arguments(parser)
 
 
-def add_image_safety_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--max-pixels`` and ``--allow-nonfinite-weights``, for every command that reads images with weights."""
-    parser.add_argument("--max-pixels", type=_max_pixels, default=None, metavar="N",
-                        help="refuse images of more than N pixels before decoding them (default: Pillow's "
-                             f"decompression-bomb threshold, {Image.MAX_IMAGE_PIXELS}; 0: no limit)")
+def add_image_safety_arguments(parser: argparse.ArgumentParser, default_max_pixels: int | None = None) -> None:
+    """``--max-pixels`` and ``--allow-nonfinite-weights``, for every command that reads images with weights.
+
+    ``--max-pixels N``: refuse larger images before decoding them, 0 for no limit; its default is
+    ``default_max_pixels`` (None: Pillow's decompression-bomb threshold, as ``PreprocessConfig`` has it).
+    """
+    default = (f"Pillow's decompression-bomb threshold, {Image.MAX_IMAGE_PIXELS}" if default_max_pixels is None
+               else str(default_max_pixels))
+    parser.add_argument("--max-pixels", type=_max_pixels, default=default_max_pixels, metavar="N",
+                        help=f"refuse images of more than N pixels before decoding them (default: {default}; 0: no limit)")
     parser.add_argument("--allow-nonfinite-weights", action="store_true",
                         help="load weights holding NaN or inf (refused by default), for debugging")
 
@@ -407,9 +427,8 @@ def run(args: argparse.Namespace) -> int:
             for batch in loader:
                 rows: list[Row] = []
                 if batch.pixels is not None:
-                    top = classifier.predict_batch(batch.pixels, args.top_k)
-                    for i, idx, sc in zip(batch.indices, top.indices.tolist(), top.scores.tolist()):
-                        rows.append((str(files[i]), [(k, classifier.labels[k], s) for k, s in zip(idx, sc)]))
+                    ranked = classifier.ranked(classifier.predict_batch(batch.pixels, args.top_k))
+                    rows += [(str(files[i]), row) for i, row in zip(batch.indices, ranked)]
                 if batch.failures and not skip:
                     # Keep the output a prefix of the file list: write what precedes the bad file, then stop.
                     first, message = batch.failures[0]

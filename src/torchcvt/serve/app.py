@@ -90,9 +90,7 @@ class ServingMiddleware:
             metrics.record_request(endpoint, status, time.perf_counter() - started)
 
     def _refusal(self, scope) -> Response | None:
-        batcher: DynamicBatcher | None = getattr(self.state, "batcher", None)
-        if batcher is None:
-            return error(503, "the model is not loaded yet", {"Retry-After": "1"})
+        batcher: DynamicBatcher = self.state.batcher
         # Requests in flight but not yet queued (still being read or decoded) bring at least one image each.
         ahead = max(0, self.in_flight - batcher.queued) + 1
         if self.in_flight >= self.settings.max_queue or batcher.expected_wait(ahead) > self.settings.max_wait_s:
@@ -115,8 +113,10 @@ class ServingMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise RequestError(413, f"request body over the limit of {limit} bytes "
-                                            f"(--max-body-mb {self.settings.max_body_mb:g})")
+                    # An HTTPException: whoever reads the body (a route, FastAPI's or Starlette's parsers)
+                    # passes it on to the handler below, where another exception could become a 400.
+                    raise HTTPException(413, f"request body over the limit of {limit} bytes "
+                                             f"(--max-body-mb {self.settings.max_body_mb:g})")
             return message
 
         return receive_limited
@@ -139,7 +139,9 @@ def create_app(settings: ServeSettings, service: ModelService | None = None) -> 
         size = state.service.image_size
         await batcher.warm_up(torch.zeros(settings.max_batch_size, 3, size, size))
         batcher.start()
-        state.batcher = batcher  # ready from here on
+        state.batcher = batcher
+        # Parsing and decoding threads, as many as the model's (load_service applied --threads by now).
+        state.decode_limiter = anyio.CapacityLimiter(max(2, torch.get_num_threads()))
 
         async def update_rate() -> None:
             while True:
@@ -162,7 +164,6 @@ def create_app(settings: ServeSettings, service: ModelService | None = None) -> 
         description="CvT image classification: the Open Inference Protocol v2 (KServe V2) REST endpoints, "
                     "a plain upload endpoint, Prometheus metrics and an upload page at /.",
     )
-    app.state.decode_limiter = anyio.CapacityLimiter(max(2, torch.get_num_threads()))
     _add_error_handlers(app)
     _add_routes(app, settings)
     app.add_middleware(ServingMiddleware, settings=settings, state=app.state)
@@ -181,7 +182,7 @@ def load_service(settings: ServeSettings) -> ModelService:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     classifier = Classifier(settings.weights, device=settings.device, backend=settings.backend, precision=settings.precision,
-                            max_pixels=settings.max_pixels)
+                            max_pixels=settings.max_pixels, allow_nonfinite=settings.allow_nonfinite)
     return ModelService(classifier, settings.name)
 
 
@@ -200,7 +201,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(400, validation_message(exc))
+        return error(400, protocol.validation_message(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -210,17 +211,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("error while answering %s %s", request.method, request.url.path)
         return error(500, f"internal error ({type(exc).__name__}); the server logged it and goes on")
-
-
-def validation_message(exc: RequestValidationError) -> str:
-    """FastAPI's list of validation errors as one line about the first."""
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
-    if first.get("type") == "json_invalid":
-        return f"malformed JSON: {first.get('ctx', {}).get('error', first.get('msg', ''))}"
-    if first.get("type") == "missing":
-        return f"missing field {where!r}"
-    return f"{where or 'body'}: {first.get('msg', 'invalid')}"
 
 
 # -------------------------------------------------------------------------------------- routes
@@ -233,9 +223,19 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
             raise RequestError(404, f"unknown model {name!r}; this server serves {settings.name!r}")
         return state.service
 
+    async def in_thread(function, *args):
+        """``function(*args)`` in a worker thread, off the event loop; at most ``decode_limiter`` such
+        calls (parsing, decoding) run at once, which bounds their memory."""
+        return await anyio.to_thread.run_sync(function, *args, limiter=state.decode_limiter)
+
     async def decode(service: ModelService, files: list[tuple[bytes, str]]) -> torch.Tensor:
-        tensors = [await anyio.to_thread.run_sync(service.decode, data, name, limiter=state.decode_limiter)
-                   for data, name in files]
+        """The ``[B, 3, S, S]`` pixels of a request's files, decoded concurrently; a bad file's error
+        (the first in the request's order) is the answer."""
+        tensors = await asyncio.gather(*(in_thread(service.decode, data, name) for data, name in files),
+                                       return_exceptions=True)
+        for tensor in tensors:
+            if isinstance(tensor, BaseException):
+                raise tensor
         return torch.stack(tensors)
 
     def deadline() -> float:
@@ -259,11 +259,9 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
     async def live():
         return protocol.LiveResponse(live=True)
 
-    @app.get("/v2/health/ready", response_model=protocol.ServerReadyResponse, tags=["v2"],
-             responses={503: {"model": protocol.ErrorResponse}})
+    # uvicorn listens only once the lifespan has loaded the model: whatever answers is ready.
+    @app.get("/v2/health/ready", response_model=protocol.ServerReadyResponse, tags=["v2"])
     async def ready():
-        if getattr(state, "batcher", None) is None:
-            return error(503, "the model is not loaded yet")
         return protocol.ServerReadyResponse(ready=True)
 
     @app.get("/v2/models/{name}", response_model=protocol.ModelMetadata, response_model_exclude_none=True, tags=["v2"],
@@ -276,29 +274,31 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
              responses={404: {"model": protocol.ErrorResponse}})
     async def model_ready(name: str):
         model(name)
-        return protocol.ReadyResponse(name=name, ready=getattr(state, "batcher", None) is not None)
+        return protocol.ReadyResponse(name=name, ready=True)
 
     @app.post("/v2/models/{name}/infer", response_model=protocol.InferenceResponse, response_model_exclude_none=True,
-              tags=["v2"], responses={code: {"model": protocol.ErrorResponse} for code in (400, 404, 413, 503, 504)})
-    async def infer(name: str, request: protocol.InferenceRequest):
+              tags=["v2"], responses={code: {"model": protocol.ErrorResponse} for code in (400, 404, 413, 503, 504)},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": protocol.inline_schema(protocol.InferenceRequest)}}}})
+    async def infer(name: str, request: Request):
+        # The body is parsed here, in a thread, not by FastAPI on the event loop: JSON of a large
+        # pixel_values tensor takes json.loads 20 ms per MiB, which every other request would wait for.
         service = model(name)
-        tensor = protocol.the_input(request)
-        k = protocol.top_k_of(request.parameters, service.num_classes)
-        outputs = protocol.requested_outputs(request)
-
         due = deadline()
+        body = await request.body()
 
-        async def work() -> torch.Tensor:
-            if tensor.name == protocol.PIXELS:
-                pixels = protocol.pixels_of(tensor, service.image_size, settings.max_queue)
-            else:
-                files = protocol.encoded_images(tensor, settings.max_queue)
-                pixels = await decode(service, [(data, f"{protocol.IMAGE_BYTES}[{i}]") for i, data in enumerate(files)])
-            return await state.batcher.submit(pixels, due)
+        async def work() -> tuple[protocol.Inference, torch.Tensor]:
+            inference = await in_thread(protocol.read_request, body, service.image_size, service.num_classes,
+                                        settings.max_queue)
+            pixels = inference.pixels
+            if pixels is None:
+                pixels = await decode(service, [(data, f"{protocol.IMAGE_BYTES}[{i}]") for i, data in enumerate(inference.files)])
+            return inference, await state.batcher.submit(pixels, due)
 
-        probabilities = await within_timeout(work(), due)
-        return protocol.InferenceResponse(model_name=name, id=request.id,
-                                          outputs=protocol.response_outputs(probabilities, service.labels, k, outputs))
+        inference, probabilities = await within_timeout(work(), due)
+        return protocol.InferenceResponse(
+            model_name=name, id=inference.id,
+            outputs=protocol.response_outputs(probabilities, service.labels, inference.top_k, inference.outputs))
 
     # -------------------------------------------------------------------------- plain endpoints
     @app.post("/predict", tags=["plain"], responses={code: {"model": protocol.ErrorResponse} for code in (400, 413, 415, 503, 504)},
@@ -340,9 +340,7 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def upload_page():
-        service = state.service
-        config = {"model": settings.name, "labels": service.num_classes, "attention": service.has_attention,
-                  "imageSize": service.image_size}
+        config = {"model": settings.name, "attention": state.service.has_attention}
         return page.replace("__CONFIG__", json.dumps(config))
 
 
@@ -350,11 +348,11 @@ async def _uploaded_files(request: Request, max_files: int) -> list[tuple[bytes,
     """``(bytes, name)`` of the images in a multipart form's ``file`` fields or in the raw body."""
     content_type = request.headers.get("content-type", "application/octet-stream").lower()
     if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_files=max_files, max_fields=max_files + 10)
-        uploads = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
-        if not uploads:
-            raise RequestError(400, "the form has no `file` field with a file in it")
-        return [(await f.read(), f.filename or f"file[{i}]") for i, f in enumerate(uploads)]
+        async with request.form(max_files=max_files, max_fields=max_files + 10) as form:  # closes the spooled files
+            uploads = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
+            if not uploads:
+                raise RequestError(400, "the form has no `file` field with a file in it")
+            return [(await f.read(), f.filename or f"file[{i}]") for i, f in enumerate(uploads)]
     if content_type.startswith(RAW_IMAGE_TYPES):
         return [(await request.body(), "body")]
     raise RequestError(415, f"Content-Type {content_type!r}: send multipart/form-data with `file` fields, "

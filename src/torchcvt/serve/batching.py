@@ -135,7 +135,7 @@ class DynamicBatcher:
             return 0.0
         return (self.queued + n) / self._images_per_second
 
-    def retry_after(self, n: int = 1) -> int:
+    def retry_after(self) -> int:
         """Whole seconds (at least 1) the model needs for the queue, at the last batch's speed."""
         return max(1, math.ceil(self.queued / (self._images_per_second or 1.0)))
 

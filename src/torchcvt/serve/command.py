@@ -22,6 +22,7 @@ import tempfile
 
 from ..backends import add_backend_arguments, log_backend_choice
 from ..errors import ConfigError
+from ..inference import add_image_safety_arguments
 from .model import DEFAULT_MAX_PIXELS, model_name_for
 from .settings import ServeSettings
 
@@ -46,14 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds a request may take before it gets 504 (default: {defaults.timeout_s:g})")
     parser.add_argument("--max-body-mb", type=float, default=defaults.max_body_mb,
                         help=f"largest request body in MiB, else 413 (default: {defaults.max_body_mb:g})")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help=f"largest image in pixels, read from its header before decoding (default: {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes, each with its own copy of the model (default: 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="PyTorch threads per worker (default: the CPU cores divided among the workers)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     add_backend_arguments(parser)
+    add_image_safety_arguments(parser, default_max_pixels=DEFAULT_MAX_PIXELS)
     parser.add_argument("--access-log", action="store_true", help="log every request (default: off; /metrics counts them)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="server log level (default: info)")
@@ -64,19 +64,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [name for name in ("fastapi", "uvicorn", "multipart", "prometheus_client") if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(f"cvt serve needs the serve extra ({missing[0]} is missing): pip install 'torchcvt[serve]'")
-    if args.workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port must be 1..65535, got {args.port}")
-    threads = args.threads
-    if threads is None and args.workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // args.workers)
-    settings = ServeSettings(
-        weights=args.weights, name=args.name or model_name_for(args.weights), backend=args.backend,
-        precision=args.precision, device=args.device,
-        max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
-        timeout_s=args.timeout, max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, threads=threads,
-    )
+    settings = settings_of(args)
     _check_port(args.host, args.port)
     log_backend_choice(args)
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -106,6 +94,24 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return 0
+
+
+def settings_of(args: argparse.Namespace) -> ServeSettings:
+    """What the server runs with, from ``cvt serve``'s options (checked: a one-line ConfigError)."""
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be 1..65535, got {args.port}")
+    threads = args.threads
+    if threads is None and args.workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+    return ServeSettings(
+        weights=args.weights, name=args.name or model_name_for(args.weights), backend=args.backend,
+        precision=args.precision, device=args.device,
+        max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
+        timeout_s=args.timeout, max_body_mb=args.max_body_mb, max_pixels=args.max_pixels,
+        allow_nonfinite=args.allow_nonfinite_weights, threads=threads,
+    )
 
 
 def _check_port(host: str, port: int) -> None:

@@ -50,13 +50,11 @@ class Throughput:
     def add(self, images: int) -> None:
         self.events.append((time.monotonic(), images))
 
-    def update_gauge(self) -> float:
+    def update_gauge(self) -> None:
         cutoff = time.monotonic() - self.window
         while self.events and self.events[0][0] < cutoff:
             self.events.popleft()
-        rate = sum(n for _, n in self.events) / self.window
-        IMAGES_PER_SECOND.set(rate)
-        return rate
+        IMAGES_PER_SECOND.set(sum(n for _, n in self.events) / self.window)
 
 
 def record_batch(size: int, seconds: float, throughput: Throughput) -> None:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..attention_maps import cls_attention, overlay, upsample
-from ..inference import Classifier
+from ..inference import Classifier, best_k, json_top_k
 from ..transforms import denormalize
 
 # 50 Mpx: above a phone camera's default photo (12-50 Mpx), below Pillow's 89 Mpx decompression-bomb
@@ -66,20 +66,13 @@ class ModelService:
         after its header was checked against the classifier's ``max_pixels`` (``--max-pixels``)."""
         return self.classifier.preprocess(data, name)
 
-    @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities ``[B, num_classes]`` (float32, CPU) of a ``[B, 3, S, S]`` batch,
-        computed as ``Classifier.predict_batch`` computes them."""
-        c = self.classifier
-        return c.runner(pixels.to(c.device, c.dtype)).float().softmax(dim=-1).cpu()
+        """Softmax probabilities ``[B, num_classes]`` (float32, CPU) of a ``[B, 3, S, S]`` batch."""
+        return self.classifier.probabilities(pixels).cpu()
 
     def top_k(self, probabilities: torch.Tensor, k: int) -> list[list[dict]]:
         """Per row, the best ``k`` classes as ``cvt predict --format json`` lists them."""
-        scores, indices = probabilities.topk(min(k, self.num_classes), dim=-1)
-        return [
-            [{"label": self.labels[i], "index": i, "score": round(s, 6)} for i, s in zip(idx, sc)]
-            for idx, sc in zip(indices.tolist(), scores.tolist())
-        ]
+        return [json_top_k(row) for row in self.classifier.ranked(best_k(probabilities, k))]
 
     @torch.inference_mode()
     def attention_png(self, pixels: torch.Tensor) -> bytes:

@@ -28,11 +28,12 @@ class ServeSettings:
     max_queue: int = 128
     timeout_s: float = 30.0
     max_body_mb: float = 20.0
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS  # 0: no limit, as everywhere --max-pixels is taken
+    allow_nonfinite: bool = False  # --allow-nonfinite-weights
     threads: int | None = None  # torch threads per worker; None: the cores divided among the workers
 
     def __post_init__(self) -> None:
-        for field, low in (("max_batch_size", 1), ("max_queue", 1), ("max_pixels", 1)):
+        for field, low in (("max_batch_size", 1), ("max_queue", 1), ("max_pixels", 0)):
             if getattr(self, field) < low:
                 raise ConfigError(f"--{field.replace('_', '-')} must be >= {low}, got {getattr(self, field)}")
         if not self.max_delay_ms >= 0:
