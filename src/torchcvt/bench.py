@@ -427,7 +427,7 @@ def run_benchmark(
                 report.rows.append(row)
                 log(f"train step batch {train_batch} {k}: {statistics.median(times[k]) * 1e3:.1f} ms")
     report.load[1] = load_average()
-    log(f"matmul rates (in the model rounds): {report.matmul}")
+    log("matmul rates (in the model rounds): " + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in report.matmul.items()))
     return report
 
 
