@@ -89,6 +89,52 @@ def test_a_requests_images_are_decoded_concurrently_and_the_first_bad_one_answer
     assert response.status_code == 400 and "first-bad.png" in response.json()["error"], response.text
 
 
+def test_a_timed_out_decode_keeps_its_thread_slot_until_its_thread_ends(checkpoint, restore_threads):
+    """Requests that time out while their images decode answer 504, and their decoding threads still count
+    against the limit until they return: no other decode starts beside them (bounded memory under overload)."""
+    app = create_app(ServeSettings(weights=str(checkpoint), name="tiny", device="cpu", threads=1, timeout_s=0.2))
+    running, most, lock, release = [0], [0], threading.Lock(), threading.Event()
+    statuses: dict[int, int] = {}
+    with TestClient(app) as client:
+        slots = app.state.decode_limiter.total_tokens
+        service = app.state.service
+        decode = service.decode
+
+        def slow_decode(data: bytes, name: str) -> torch.Tensor:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            release.wait(120)  # hold the thread well past every request's 0.2 s
+            with lock:
+                running[0] -= 1
+            return decode(data, name)
+
+        def ask(seed: int) -> None:
+            response = client.post("/predict", content=image_bytes(seed), headers={"content-type": "image/png"})
+            statuses[seed] = response.status_code
+
+        service.decode = slow_decode
+        holders = [threading.Thread(target=ask, args=(70 + i,)) for i in range(slots)]
+        for t in holders:
+            t.start()
+        for _ in range(12000):  # until every slot is held by a decode (a failed test ends after 120 s)
+            if running[0] == slots:
+                break
+            threading.Event().wait(0.01)
+        others = [threading.Thread(target=ask, args=(80 + i,)) for i in range(3)]
+        for t in others:  # with every slot held past their deadlines, they time out (or are refused) before decoding
+            t.start()
+        for t in others:
+            t.join(120)
+        release.set()
+        for t in holders:
+            t.join(120)
+        service.decode = decode
+    assert most[0] == slots, f"{most[0]} decodes ran at once with {slots} thread slots"
+    assert all(statuses.get(80 + i) in (503, 504) for i in range(3)), statuses  # no slot in time, or no room in the queue
+    assert all(statuses.get(70 + i) in (200, 504) for i in range(slots)), statuses
+
+
 def test_infer_parses_pixels_and_base64_off_the_event_loop(served, monkeypatch):
     _, client = served
     on_loop: list[tuple[str, bool]] = []
@@ -119,6 +165,7 @@ def test_image_safety_options_are_the_shared_ones_and_reach_the_model(checkpoint
 
     # --max-pixels 0 means no limit, as for cvt predict and cvt eval: not even Pillow's, here lowered to
     # 30,000 pixels (it refuses twice that; the 224 px crop only makes it warn).
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)
     big = image_bytes(64, (300, 250))  # 75,000 pixels
     unlimited = load_service(settings_of(serve_args("--weights", str(checkpoint), "--max-pixels", "0")))
@@ -137,3 +184,10 @@ def test_image_safety_options_are_the_shared_ones_and_reach_the_model(checkpoint
         load_service(settings_of(serve_args("--weights", nan_weights)))
     allowed = load_service(settings_of(serve_args("--weights", nan_weights, "--allow-nonfinite-weights")))
     assert allowed.classifier.model.head.bias.isnan().any()
+    # Served, such weights answer (NaN scores are JSON's null, as `cvt predict --format json` writes them), not 500.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
+    app = create_app(ServeSettings(weights=nan_weights, name="tiny", device="cpu", threads=restore_threads, allow_nonfinite=True))
+    with TestClient(app) as client:
+        response = client.post("/predict?top_k=2", content=image_bytes(64, (100, 100)), headers={"content-type": "image/png"})
+    assert response.status_code == 200, response.text
+    assert [p["score"] for p in response.json()[0]["top_k"]] == [None, None]

@@ -57,7 +57,7 @@ logger = logging.getLogger("torchcvt")
 BACKENDS = ("auto", "eager", "onnxruntime")
 PRECISIONS = ("float32", "bfloat16", "int8")
 MEASURED_BATCHES = (1, 8)
-EAGER_REVISION = 3  # 2: linears on the GEMM measured faster, freed memory retained; 3: per-shape GEMM (fused.py)
+EAGER_REVISION = 3  # 2: GEMM measured faster, freed memory retained; 3: channels-last embedding weights (fused.py)
 # 3: the layout names every field that changes compute (padding, qkv_bias, global_pool), eager records name the
 # GEMM engine, eager and ONNX Runtime are timed at the same thread count, int8 and bfloat16 have records of their own.
 RECORD_REVISION = 3

@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import glob
 import io
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -197,8 +198,10 @@ def best_k(probabilities: torch.Tensor, k: int) -> TopK:
 
 
 def json_top_k(ranked: Sequence[tuple[int, str, float]]) -> list[dict]:
-    """One image's ``(index, label, score)`` rows as ``cvt predict --format json`` writes them."""
-    return [{"label": label, "index": index, "score": round(score, 6)} for index, label, score in ranked]
+    """One image's ``(index, label, score)`` rows as ``cvt predict --format json`` writes them; a
+    non-finite score (weights loaded with ``--allow-nonfinite-weights``) is ``None``, JSON's null."""
+    return [{"label": label, "index": index, "score": round(score, 6) if math.isfinite(score) else None}
+            for index, label, score in ranked]
 
 
 # ------------------------------------------------------------------------------- finding images

@@ -231,11 +231,23 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
     async def decode(service: ModelService, files: list[tuple[bytes, str]]) -> torch.Tensor:
         """The ``[B, 3, S, S]`` pixels of a request's files, decoded concurrently; a bad file's error
         (the first in the request's order) is the answer."""
-        tensors = await asyncio.gather(*(in_thread(service.decode, data, name) for data, name in files),
-                                       return_exceptions=True)
-        for tensor in tensors:
-            if isinstance(tensor, BaseException):
-                raise tensor
+        tensors: list[torch.Tensor | None] = [None] * len(files)
+        errors: list[Exception | None] = [None] * len(files)
+
+        async def one(i: int, data: bytes, name: str) -> None:
+            try:
+                tensors[i] = await in_thread(service.decode, data, name)
+            except Exception as error:  # a bad file; a cancellation (BaseException) goes through
+                errors[i] = error
+
+        # An anyio task group, not asyncio.gather: a timeout cancels through anyio's scopes, so each
+        # decode keeps its limiter slot until its thread has finished and the limit stays a limit.
+        async with anyio.create_task_group() as group:
+            for i, (data, name) in enumerate(files):
+                group.start_soon(one, i, data, name)
+        for error in errors:
+            if error is not None:
+                raise error
         return torch.stack(tensors)
 
     def deadline() -> float:
@@ -245,7 +257,9 @@ def _add_routes(app: FastAPI, settings: ServeSettings) -> None:
     async def within_timeout(work, due: float):
         """``await work`` until ``due`` (from ``deadline()``, taken when the request started), else 504."""
         try:
-            async with asyncio.timeout(max(0.0, due - time.monotonic())):
+            # anyio's deadline, not asyncio.timeout: a worker thread it cancels keeps its limiter slot
+            # until the thread returns (asyncio's cancel frees the slot while the thread still parses).
+            with anyio.fail_after(max(0.0, due - time.monotonic())):
                 return await work
         except TimeoutError:
             raise RequestError(504, f"no answer within --timeout {settings.timeout_s:g} s; the server is overloaded") from None

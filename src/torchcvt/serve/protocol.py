@@ -208,7 +208,7 @@ def pixels_of(tensor: RequestInput, image_size: int, max_images: int) -> torch.T
     _check_batch(tensor.shape[0], max_images)
     try:
         values = np.asarray(tensor.data, dtype=np.float32)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # OverflowError: an integer too large for a float
         raise RequestError(400, f"input {PIXELS!r}: data must be numbers in row-major order, nested or flat") from None
     if values.size != math.prod(tensor.shape):
         raise RequestError(400, f"input {PIXELS!r}: shape {tensor.shape} needs {math.prod(tensor.shape)} values, "
