@@ -34,11 +34,12 @@ class FusedLinear(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        epilogue = self.activation if residual is None else "add"
         if use_onednn(x):
             x2d = x.reshape(-1, x.shape[-1])  # [N, C_in]: oneDNN's linear takes 2-D inputs
-            residual2d = None if residual is None else residual.reshape(x2d.shape[0], -1)
-            out = onednn_linear_epilogue(x2d, self.weight, self.bias, epilogue, residual2d)
+            if residual is None:
+                out = onednn_linear_epilogue(x2d, self.weight, self.bias, self.activation)
+            else:
+                out = onednn_linear_epilogue(x2d, self.weight, self.bias, "add", residual.reshape(x2d.shape[0], -1))
             return out.view(*x.shape[:-1], self.weight.shape[0])
         out = F.linear(x, self.weight, self.bias)
         # In place on the fresh product when nothing records it (no autograd, no tracing): one
