@@ -1,6 +1,9 @@
 """torchcvt: CvT, the Convolutional Vision Transformer, exact to the official model."""
 
 from .version import __version__
+from . import mkl_amd
+
+mkl_amd.enable()  # before anything imports torch: MKL chooses its kernels when torch loads it (mkl_amd.py says why)
 from .config import CvTConfig
 from .errors import CheckpointError, ConfigError, DataError, HubError, ImageError, TorchCvTError
 from .model import CvT, FeatureInfo

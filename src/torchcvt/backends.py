@@ -45,9 +45,9 @@ from .allocator import retain_freed_memory
 from .errors import ConfigError
 from .export import export_onnx, min_dynamic_side
 from .fastpath import gemm_engine
-from .fileio import atomic_save
+from .fileio import atomic_save, cache_dir
 from .fused import fuse_for_inference
-from .machine import (BF16_FLAGS, INT8_FLAGS, cache_dir, cpu_info, measurements_path, median_ratio, read_record,
+from .machine import (BF16_FLAGS, INT8_FLAGS, cpu_info, measurements_path, median_ratio, read_record,
                       record_key, time_alternating, torch_threads, update_record)
 from .model import CvT
 from .version import __version__

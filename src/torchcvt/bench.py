@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from .config import CvTConfig
 from .errors import ConfigError, TorchCvTError
+from . import mkl_amd
 from .allocator import retain_freed_memory
 from .fastpath import apply_fast_path, gemm_engine, onednn_available, onednn_linear, remove_fast_path
 from .fused import fuse_for_inference
@@ -375,6 +376,7 @@ def run_benchmark(
             "transformers": _forward(theirs), "torchcvt plain": plain, "torchcvt": ours, "torchcvt optimized": optimized,
         }
         notes = [f"freed memory retained in the process (glibc mallopt, every candidate): {'yes' if retained else 'no'}",
+                 f"GEMMs on MKL (every candidate that calls torch's matmul, transformers too): {mkl_amd.status()}",
                  f"fast path linears ('torchcvt', 'torchcvt optimized'): {gemm_engine()} "
                  f"({'$TORCHCVT_GEMM' if os.environ.get('TORCHCVT_GEMM') else 'the faster on this CPU, measured once'})"]
         more, more_notes = _more_candidates(ours, optimized, backends, precisions, log)

@@ -147,6 +147,13 @@ def _write_error(exc: BaseException, path: Path, existed: bool) -> OutputError:
     return OutputError(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}")
 
 
+def cache_dir() -> Path:
+    """Where exports, measurements and the MKL shim are cached (``$TORCHCVT_CACHE``, ``$XDG_CACHE_HOME/torchcvt``, ``~/.cache/torchcvt``)."""
+    if os.environ.get("TORCHCVT_CACHE"):
+        return Path(os.environ["TORCHCVT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "torchcvt"
+
+
 def atomic_save(write: Callable[[str], object], path: str | os.PathLike) -> None:
     """Call ``write(tmp_path)``, flush the file to disk, then rename it over ``path``.
 

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from .errors import TorchCvTError
-from .fileio import atomic_save
+from . import mkl_amd
+from .fileio import atomic_save, cache_dir
 from .version import __version__
 
 logger = logging.getLogger("torchcvt")
@@ -140,13 +141,6 @@ def median_ratio(reference: list[float], other: list[float]) -> float:
 
 
 # ------------------------------------------------------------------------ measurement records
-def cache_dir() -> Path:
-    """Where exports and measurements are cached (``$TORCHCVT_CACHE``, ``$XDG_CACHE_HOME/torchcvt``, ``~/.cache/torchcvt``)."""
-    if os.environ.get("TORCHCVT_CACHE"):
-        return Path(os.environ["TORCHCVT_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "torchcvt"
-
-
 def measurements_path() -> Path:
     return cache_dir() / "measurements.json"
 
@@ -170,6 +164,8 @@ def record_key(layout: dict[str, Any], threads: int, *, onnxruntime: bool = Fals
                    "threads": threads, "layout": layout}
     if onnxruntime:
         description["onnxruntime"] = onnxruntime_version()
+    if mkl_amd.active():  # MKL's GEMMs run other kernels, at another speed (only here: other keys stay valid)
+        description["mkl"] = "intel kernels"
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
     return key, description
 

@@ -1,0 +1,116 @@
+"""torchcvt/mkl_amd.py: MKL's Intel kernels on AMD CPUs through a shim loaded before torch.
+
+The suite's own processes import torch first (conftest), so the shim is inactive in them; these tests
+start fresh interpreters for the cases that depend on import order. The numbers are checked against
+float64 products, not against a run without the shim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchcvt import mkl_amd
+
+AMD = mkl_amd._cpu_vendor() == "AuthenticAMD" and sys.platform == "linux"
+COMPILER = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+needs_amd = pytest.mark.skipif(not (AMD and COMPILER), reason="needs Linux on an AMD CPU with a C compiler")
+
+CHILD = """
+import {first}
+import json, torch
+from torchcvt import mkl_amd
+g = torch.Generator().manual_seed(0)
+a, b = torch.randn(300, 500, generator=g), torch.randn(500, 200, generator=g)
+exact = a.double() @ b.double()
+error = ((a @ b).double() - exact).abs().max().item() / exact.abs().max().item()
+print(json.dumps({{"status": mkl_amd.status(), "active": mkl_amd.active(), "error": error}}))
+"""
+
+
+def run_child(tmp_path: Path, first: str, **env: str) -> dict:
+    environment = dict(os.environ, TORCHCVT_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(Path(mkl_amd.__file__).parents[1]), **env)
+    done = subprocess.run([sys.executable, "-c", CHILD.format(first=first)], env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_amd
+def test_imported_first_mkl_runs_its_intel_kernels(tmp_path):
+    result = run_child(tmp_path, "torchcvt")
+    assert result["active"], result["status"]
+    assert result["error"] < 1e-5  # float32 rounding, against float64
+    shim = mkl_amd.shim_path().name
+    built = tmp_path / "cache" / shim
+    assert built.is_file() and stat.S_IMODE(built.stat().st_mode) & 0o002 == 0
+    assert [p.name for p in built.parent.iterdir()] == [shim]  # no temporary left behind
+    first_build = built.stat().st_mtime_ns
+    again = run_child(tmp_path, "torchcvt")
+    assert again["active"] and built.stat().st_mtime_ns == first_build  # the file was reused, not compiled again
+
+
+@needs_amd
+def test_torch_imported_first_keeps_mkls_dispatch_and_says_why(tmp_path):
+    result = run_child(tmp_path, "torch, torchcvt")
+    assert not result["active"]
+    assert "torch was imported before torchcvt" in result["status"]
+    assert result["error"] < 1e-5
+
+
+@needs_amd
+def test_preloaded_shim_is_recognised(tmp_path):
+    path = subprocess.run([sys.executable, "-c", "from torchcvt import mkl_amd; print(mkl_amd.build_shim())"], capture_output=True, text=True,
+                          env=dict(os.environ, TORCHCVT_CACHE=str(tmp_path / "cache")), check=True).stdout.strip()
+    result = run_child(tmp_path, "torch, torchcvt", LD_PRELOAD=path)
+    assert result["active"], result["status"]
+
+
+def test_off_switch(tmp_path):
+    result = run_child(tmp_path, "torchcvt", TORCHCVT_MKL_INTEL_PATH="0")
+    assert not result["active"] and "$TORCHCVT_MKL_INTEL_PATH=0" in result["status"]
+    assert not (tmp_path / "cache").exists()  # nothing compiled
+
+
+def test_not_applied_on_other_vendors(monkeypatch):
+    monkeypatch.setattr(mkl_amd, "_cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(mkl_amd.sys, "platform", "linux")
+    monkeypatch.setattr(mkl_amd.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("TORCHCVT_MKL_INTEL_PATH", raising=False)
+    assert mkl_amd.enable() is False
+    assert "GenuineIntel CPU, MKL dispatches on its own" in mkl_amd.status()
+
+
+def test_without_a_compiler_the_reason_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHCVT_CACHE", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(mkl_amd.shutil, "which", lambda name: None)
+    with pytest.raises(OSError, match="no C compiler"):
+        mkl_amd.build_shim()
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not shutil.which("false"), reason="needs the false command")
+def test_a_failed_compile_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHCVT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    with pytest.raises(OSError, match="false failed"):
+        mkl_amd.build_shim()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not COMPILER, reason="needs a C compiler")
+def test_a_file_others_can_write_is_never_loaded_but_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHCVT_CACHE", str(tmp_path))
+    planted = mkl_amd.shim_path()
+    planted.write_bytes(b"not a library")
+    planted.chmod(0o666)
+    built = mkl_amd.build_shim()
+    assert built == planted and stat.S_IMODE(built.stat().st_mode) & 0o002 == 0
+    assert built.read_bytes()[:4] == b"\x7fELF"
