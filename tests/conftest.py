@@ -26,6 +26,10 @@ torch.set_num_threads(1)
 # The fast path's GEMM is measured per CPU (fastpath.gemm_engine); the suite pins oneDNN so its
 # layers are exercised on every machine (and in every CLI subprocess). test_optimize covers "mkl".
 os.environ.setdefault("TORCHCVT_GEMM", "onednn")
+# The suite's processes import torch before torchcvt, so MKL keeps its own dispatch in them; its CLI
+# subprocesses would get the AMD shim (mkl_amd.py) and other float32 rounding, and the exact-resume tests
+# compare runs made both ways bit for bit. So the shim is off here; test_mkl_amd turns it on where tested.
+os.environ.setdefault("TORCHCVT_MKL_INTEL_PATH", "0")
 
 # transformers' CvtConfig kwargs for each reference layout. transformers cannot build depth[i] <= i
 # (its drop-path list is indexed by stage), hence depth (1, 2, 3) for the tiny one.

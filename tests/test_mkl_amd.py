@@ -25,18 +25,25 @@ needs_amd = pytest.mark.skipif(not (AMD and COMPILER), reason="needs Linux on an
 
 CHILD = """
 import {first}
-import json, torch
+import json, torch, torchcvt
 from torchcvt import mkl_amd
 g = torch.Generator().manual_seed(0)
 a, b = torch.randn(300, 500, generator=g), torch.randn(500, 200, generator=g)
 exact = a.double() @ b.double()
 error = ((a @ b).double() - exact).abs().max().item() / exact.abs().max().item()
-print(json.dumps({{"status": mkl_amd.status(), "active": mkl_amd.active(), "error": error}}))
+model = torchcvt.create_model("cvt-13", num_classes=10).eval()  # fast path and fused copy, float32
+x = torch.randn(2, 3, 224, 224, generator=g)
+with torch.inference_mode():
+    ours = torchcvt.optimize_for_inference(model, backend="eager")(x).double()
+    reference = torchcvt.remove_fast_path(model).double()(x.double())
+model_error = (ours - reference).abs().max().item()
+print(json.dumps({{"status": mkl_amd.status(), "active": mkl_amd.active(), "error": error, "model_error": model_error}}))
 """
 
 
 def run_child(tmp_path: Path, first: str, **env: str) -> dict:
-    environment = dict(os.environ, TORCHCVT_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(Path(mkl_amd.__file__).parents[1]), **env)
+    environment = dict(os.environ, TORCHCVT_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(Path(mkl_amd.__file__).parents[1]))
+    environment.update({"TORCHCVT_MKL_INTEL_PATH": "1"} | env)  # conftest turns it off for the rest of the suite
     done = subprocess.run([sys.executable, "-c", CHILD.format(first=first)], env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -47,6 +54,7 @@ def test_imported_first_mkl_runs_its_intel_kernels(tmp_path):
     result = run_child(tmp_path, "torchcvt")
     assert result["active"], result["status"]
     assert result["error"] < 1e-5  # float32 rounding, against float64
+    assert result["model_error"] < 1e-4  # the eager backend's logits against the plain model in float64
     shim = mkl_amd.shim_path().name
     built = tmp_path / "cache" / shim
     assert built.is_file() and stat.S_IMODE(built.stat().st_mode) & 0o002 == 0
