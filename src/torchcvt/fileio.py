@@ -154,10 +154,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "torchcvt"
 
 
-def atomic_save(write: Callable[[str], object], path: str | os.PathLike) -> None:
+def atomic_save(write: Callable[[str], object], path: str | os.PathLike, *, mode: int | None = None) -> None:
     """Call ``write(tmp_path)``, flush the file to disk, then rename it over ``path``.
 
-    The folder is created when missing. Raises ``OutputError`` (one line) when the folder cannot
+    ``mode``: the new file's permissions, instead of those a plain ``open()`` would give it. The folder
+    is created when missing. Raises ``OutputError`` (one line) when the folder cannot
     be written or ``path`` is a directory, ``DiskFullError`` when the disk fills up; in every case
     the temporary file is gone and ``path`` is as it was.
     """
@@ -174,7 +175,7 @@ def atomic_save(write: Callable[[str], object], path: str | os.PathLike) -> None
             remove_stale_temporaries(path.parent)
             _remove_legacy_temporaries(path)
         tmp = _create_temporary(path)
-        mode = stat.S_IMODE(tmp.stat().st_mode)
+        mode = stat.S_IMODE(tmp.stat().st_mode) if mode is None else mode
     except OSError as exc:
         if isinstance(exc, OutputError):
             raise

@@ -6,16 +6,19 @@ that defines that function to return 1, loaded before MKL, makes MKL dispatch on
 instruction sets as it does on Intel (AVX2 on a Zen 3, AVX-512 on a Zen 4/5). This is the recipe
 PyTorch's maintainers give for full speed on AMD (pytorch/builder#1245, which ships the same
 one-line C function for ``LD_PRELOAD``). On a Zen 3 it made the 2048^3 sgemm and CvT-13's eager
-forward faster (docs/performance.md, row 22); results change only by float32 rounding.
+forward faster (docs/performance.md, row 22); results change only by float32 rounding, which is
+why a training checkpoint records it (``train_state.float_kernels``).
 
 How: ``import torchcvt`` calls ``enable()`` before anything imports torch. On Linux x86-64 with an
-AMD CPU it compiles the function once with the system C compiler into ``cache_dir()`` and loads it
-with ``RTLD_GLOBAL``, so that libtorch_cpu's reference resolves to it when torch loads. It cannot
-act once torch is loaded (MKL asks when torch initialises it), so a script that imports torch first
-keeps MKL's default dispatch; ``status()`` says which applies and why, and ``cvt bench`` prints it.
-For such a script, ``LD_PRELOAD="$(python -c 'from torchcvt import mkl_amd; print(mkl_amd.build_shim())')"``
-loads the same file at process start. ``$TORCHCVT_MKL_INTEL_PATH=0`` turns it off. No torch import here: this
-module runs before torch exists in the process.
+AMD (or Hygon) CPU it compiles the function once with the system C compiler into ``cache_dir()/mkl``
+(a folder only this user can write) and loads it with ``RTLD_GLOBAL``, so that libtorch_cpu's
+reference resolves to it when torch loads. It cannot act once torch is loaded (MKL asks when torch
+initialises it), so a script that imports torch first keeps MKL's default dispatch; ``status()`` says
+which applies and why, and ``cvt bench`` prints it. Such a script can load the same file at process
+start: ``LD_PRELOAD="$(python -c 'from torchcvt import mkl_amd; print(mkl_amd.build_shim())')"``.
+``$TORCHCVT_MKL_INTEL_PATH=0`` turns it off. No torch import at module level: this module runs
+before torch exists in the process. Nothing here raises into ``import torchcvt``: a shim that
+cannot be built or trusted leaves MKL as it is, with the reason in ``status()``.
 """
 
 from __future__ import annotations
@@ -33,13 +36,17 @@ from pathlib import Path
 
 from .fileio import atomic_save, cache_dir
 
-# The call counter lets status() tell "MKL asked us" from "loaded but never consulted".
+AMD_VENDORS = ("AuthenticAMD", "HygonGenuine")  # Hygon's Dhyana is a Zen core
+# MKL asks once or twice per process; the flag lets status() tell "MKL asked" from "loaded, never asked".
 SHIM_SOURCE = """\
-static int calls;
-int mkl_serv_intel_cpu_true(void) { calls++; return 1; }
-int torchcvt_mkl_shim_calls(void) { return calls; }
+static int asked;
+int mkl_serv_intel_cpu_true(void) { asked = 1; return 1; }
+int torchcvt_mkl_shim_asked(void) { return asked; }
 """
-_state: dict[str, object] = {"reason": "not tried: torchcvt.mkl_amd.enable() has not run"}
+COMPILE_TIMEOUT_S = 15  # the compile runs inside `import torchcvt`; a hung compiler must not hold it longer
+_library: ctypes.CDLL | None = None  # the shim, when loaded (by us or by LD_PRELOAD)
+_how = ""  # how it came in
+_reason = "not tried: torchcvt.mkl_amd.enable() has not run"  # why not, when it did not
 
 
 def _cpu_vendor() -> str:
@@ -53,80 +60,107 @@ def _cpu_vendor() -> str:
 def shim_path() -> Path:
     """Where the compiled function is kept: named by a hash of its source and the machine type."""
     tag = hashlib.sha256(f"{SHIM_SOURCE}|{platform.machine()}".encode()).hexdigest()[:12]
-    return cache_dir() / f"mkl-intel-path-{tag}.so"
+    return cache_dir() / "mkl" / f"mkl-intel-path-{tag}.so"
 
 
-def _safe_to_load(path: Path) -> bool:
-    """Ours: a file owned by this user that others cannot write (a library loaded into the process runs as us)."""
-    info = path.lstat()
-    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o002
+def _private_folder(folder: Path) -> None:
+    """``folder`` created 0700, or checked: ours and writable by no one else, else OSError (nothing is loaded from it)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(f"{folder}: not a folder of this user's that others cannot write; not loading a library from it")
+
+
+def _trusted(path: Path) -> bool:
+    info = path.lstat()  # a symlink is not trusted: it is rebuilt over
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def build_shim() -> Path:
-    """The compiled shim, built with ``$CC`` (else cc/gcc/clang) when missing; OSError when it cannot be built."""
+    """The compiled shim, built with ``$CC`` (else cc/gcc/clang) when missing or not trusted; OSError when it cannot be."""
     path = shim_path()
+    _private_folder(path.parent)
     if path.exists() or path.is_symlink():
-        if _safe_to_load(path):
+        if _trusted(path):
             return path
-        path.unlink()  # not one we would load: built again below, or OSError if it is not ours to remove
     compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
     if compiler is None:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
     with tempfile.TemporaryDirectory() as work:
-        source = Path(work) / "mkl_intel_path.c"
+        source, built = Path(work) / "mkl_intel_path.c", Path(work) / "mkl_intel_path.so"
         source.write_text(SHIM_SOURCE)
-
-        def compile_to(target: str) -> None:
-            done = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", target, str(source)],
-                                  capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise OSError(f"{compiler} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-
-        atomic_save(compile_to, path)
+        try:
+            done = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(built), str(source)],
+                                  capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise OSError(f"{compiler} did not finish in {COMPILE_TIMEOUT_S} s") from None
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        # Replaced atomically (a process that loaded the old file keeps it); 0755 whatever the umask says.
+        atomic_save(lambda tmp: shutil.copyfile(built, tmp), path, mode=0o755)
     return path
 
 
+def _load_trusted(path: Path) -> ctypes.CDLL:
+    """dlopen the very file that was checked: opened without following links, checked, loaded through its fd."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise OSError(f"{path}: changed after it was checked; not loading it")
+        library = ctypes.CDLL(f"/proc/self/fd/{fd}", mode=os.RTLD_GLOBAL)
+    finally:
+        os.close(fd)  # the loader holds its own mapping
+    if not hasattr(library, "torchcvt_mkl_shim_asked"):
+        raise OSError(f"{path}: not torchcvt's MKL shim")
+    return library
+
+
 def enable() -> bool:
-    """Load the shim for MKL if this process can use it; True if loaded. Never raises."""
+    """Load the shim for MKL if this process can use it; True if it is in the process. Never raises."""
+    global _library, _how, _reason
+    if _library is not None:
+        return True
+    preloaded = ctypes.CDLL(None)  # the process's global scope: a copy from LD_PRELOAD answers here
+    if hasattr(preloaded, "torchcvt_mkl_shim_asked"):
+        _library, _how = preloaded, "preloaded with LD_PRELOAD"
+        return True
+    vendor = _cpu_vendor()
     if os.environ.get("TORCHCVT_MKL_INTEL_PATH") == "0":
-        _state["reason"] = "off ($TORCHCVT_MKL_INTEL_PATH=0)"
+        _reason = "off ($TORCHCVT_MKL_INTEL_PATH=0)"
     elif sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        _state["reason"] = "not needed: not Linux on x86-64"
-    elif _cpu_vendor() != "AuthenticAMD":
-        _state["reason"] = f"not needed: {_cpu_vendor() or 'unknown'} CPU, MKL dispatches on its own"
+        _reason = "not needed: not Linux on x86-64"
+    elif vendor not in AMD_VENDORS:
+        _reason = f"not needed: {vendor or 'unknown'} CPU, MKL dispatches on its own"
     elif "torch" in sys.modules:
-        _state["reason"] = "not applied: torch was imported before torchcvt (MKL had already chosen its kernels)"
+        _reason = "not applied: torch was imported before torchcvt (MKL had already chosen its kernels)"
     else:
         try:
-            path = build_shim()
-            library = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
-            library.torchcvt_mkl_shim_calls  # AttributeError: not the shim
-            _state["library"] = library
-            _state["reason"] = f"loaded from {path}"
+            _library = _load_trusted(build_shim())
+            _how = "loaded by import torchcvt; $TORCHCVT_MKL_INTEL_PATH=0 turns it off"
             return True
         except Exception as exc:  # noqa: BLE001 -- a speed-up that cannot be had must not stop the import
-            _state["reason"] = f"not applied: {exc}"
+            _reason = f"not applied: {exc}"
     return False
 
 
 def status() -> str:
-    """One line: whether MKL runs its Intel kernels here, and why (asks MKL once, with a small product)."""
-    library = _state.get("library")
-    preloaded = any(Path(p).name.startswith("mkl-intel-path-") for p in os.environ.get("LD_PRELOAD", "").split(":"))
-    if library is None and preloaded:
-        library = ctypes.CDLL(None)  # the preloaded copy is in the global scope
-    if library is None:
-        return f"MKL's default dispatch ({_state['reason']})"
+    """One line: whether MKL runs its Intel kernels here, and why (asks MKL once, with a small product). Never raises."""
+    if _library is None:
+        return f"MKL's default dispatch ({_reason})"
     import torch
 
-    if library.torchcvt_mkl_shim_calls() == 0 and torch.backends.mkl.is_available():
+    if not _library.torchcvt_mkl_shim_asked() and torch.backends.mkl.is_available():
         torch.mm(torch.ones(64, 64), torch.ones(64, 64))  # MKL asks on its first call
-    if library.torchcvt_mkl_shim_calls() == 0:
-        return "MKL's default dispatch (the shim is loaded but MKL never asked for it)"
-    return "MKL's Intel kernels on this AMD CPU (torchcvt's mkl_serv_intel_cpu_true shim; $TORCHCVT_MKL_INTEL_PATH=0 turns it off)"
+    if not _library.torchcvt_mkl_shim_asked():
+        return "MKL's default dispatch (torchcvt's shim is loaded but MKL never asked for it)"
+    return f"MKL's Intel kernels on this AMD CPU (torchcvt's mkl_serv_intel_cpu_true shim, {_how})"
 
 
 def active() -> bool:
     """True when MKL asked the shim and runs its Intel kernels."""
     return status().startswith("MKL's Intel kernels")
-

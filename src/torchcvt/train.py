@@ -51,8 +51,8 @@ from .runs import RunFolder, disk_full_is_one_line
 from .tensorboard_log import TensorBoardLog
 from .train_config import DATA, RECIPES, TrainConfig, default_output, help_default, recipe_line, resolve_config
 from .train_state import (
-    EMA, EpochMeter, Progress, best_checkpoint, card_facts, check_resumable, describe_run, epoch_line, load_checkpoint, restore,
-    run_summary, save_checkpoint, training_checkpoint, write_metrics, write_train_config,
+    EMA, EpochMeter, Progress, best_checkpoint, card_facts, check_resumable, describe_run, epoch_line, kernels_note, load_checkpoint,
+    restore, run_summary, save_checkpoint, training_checkpoint, write_metrics, write_train_config,
 )
 from .transforms import PreprocessConfig
 
@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         p = restore(state, raw, ema, optimizer, scheduler, scaler) if state is not None else Progress()
         if state is not None:
             follow_schedule(scheduler)  # an extended run (more --epochs) follows the schedule of the new length
-            log(f"resuming {out / 'last.pt'}: epoch {p.epoch + 1}, step {p.step}" + _extension(state, cfg))
+            log(f"resuming {out / 'last.pt'}: epoch {p.epoch + 1}, step {p.step}" + _extension(state, cfg) + kernels_note(state))
         if d.main:
             write_train_config(out, cfg)
         train_set, draw_weights, val_loader, loader_args = _data_loading(cfg, splits, d, device)

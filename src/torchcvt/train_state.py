@@ -32,7 +32,9 @@ from torch import nn
 from .datasets import DataSplits, describe
 from .distributed import Dist
 from .errors import CheckpointError, ConfigError, DataError
+from . import mkl_amd
 from .evaluate import EvalResult
+from .fastpath import gemm_engine
 from .fileio import atomic_save, atomic_write_text
 from .plots import plot_learning_curves
 from .reproducibility import rng_state, set_rng_state
@@ -146,7 +148,23 @@ def training_checkpoint(
         "history": progress.history,
         "epoch_stats": progress.epoch_stats if epoch_stats is None else epoch_stats,
         "rng": rng_state(),  # rank 0's; every stream is re-derived from the seed anyway
+        "kernels": float_kernels(),
     }
+
+
+def float_kernels() -> dict[str, str]:
+    """The CPU kernels this process's float32 products run on: a resumed run is byte-identical to an
+    uninterrupted one only on the same ones (torch version, fast-path GEMM, MKL's dispatch: mkl_amd.py)."""
+    return {"torch": torch.__version__, "gemm": gemm_engine(), "mkl": "intel kernels" if mkl_amd.active() else "default dispatch"}
+
+
+def kernels_note(state: dict[str, Any]) -> str:
+    """``""``, or what differs from the kernels the checkpoint ``state`` was trained on, for the resume line."""
+    before, now = state.get("kernels"), float_kernels()
+    if not before or before == now:
+        return ""
+    changed = ", ".join(f"{k}: {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v)
+    return f"; float32 kernels differ from the checkpoint's ({changed}): not byte-identical to an uninterrupted run"
 
 
 def best_checkpoint(model: nn.Module, train_config: Any, epoch: int, row: dict[str, Any]) -> dict[str, Any]:
