@@ -155,7 +155,8 @@ def training_checkpoint(
 def float_kernels() -> dict[str, str]:
     """The CPU kernels this process's float32 products run on: a resumed run is byte-identical to an
     uninterrupted one only on the same ones (torch version, fast-path GEMM, MKL's dispatch: mkl_amd.py)."""
-    return {"torch": torch.__version__, "gemm": gemm_engine(), "mkl": "intel kernels" if mkl_amd.active() else "default dispatch"}
+    # str(): torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses to unpickle
+    return {"torch": str(torch.__version__), "gemm": gemm_engine(), "mkl": "intel kernels" if mkl_amd.active() else "default dispatch"}
 
 
 def kernels_note(state: dict[str, Any]) -> str:
