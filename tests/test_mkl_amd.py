@@ -185,10 +185,13 @@ print(seen)
 def test_a_resume_on_other_float32_kernels_says_it_will_not_be_byte_identical(monkeypatch):
     from torchcvt import train_state
 
-    now = train_state.float_kernels()
-    assert set(now) == {"torch", "gemm", "mkl"} and now["mkl"] in ("intel kernels", "default dispatch")
-    assert train_state.kernels_note({"kernels": dict(now)}) == ""
-    assert train_state.kernels_note({}) == ""  # a checkpoint from before the record: nothing to compare
+    now = train_state.float_kernels("cpu")
+    assert set(now) == {"torch", "device", "gemm", "mkl"} and now["mkl"] in ("intel kernels", "default dispatch")
+    assert train_state.kernels_note({"kernels": dict(now)}, "cpu") == ""
+    assert train_state.kernels_note({}, "cpu") == ""  # a checkpoint from before the record: nothing to compare
+    monkeypatch.setattr(train_state, "gemm_engine", lambda: pytest.fail("a GPU run times no CPU GEMMs"))
+    assert train_state.float_kernels("cuda") == {"torch": now["torch"], "device": "cuda"}
+    monkeypatch.undo()
     other = "default dispatch" if now["mkl"] == "intel kernels" else "intel kernels"
-    note = train_state.kernels_note({"kernels": {**now, "mkl": other}})
+    note = train_state.kernels_note({"kernels": {**now, "mkl": other}}, "cpu")
     assert note == f"; float32 kernels differ from the checkpoint's (mkl: {other} -> {now['mkl']}): not byte-identical to an uninterrupted run"

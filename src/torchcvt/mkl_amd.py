@@ -75,8 +75,8 @@ def _private_folder(folder: Path) -> None:
         raise OSError(f"{folder}: not a folder of this user's that others cannot write; not loading a library from it")
 
 
-def _trusted(path: Path) -> bool:
-    info = path.lstat()  # a symlink is not trusted: it is rebuilt over
+def _ours(info: os.stat_result) -> bool:
+    """A regular file of this user's that no one else can write: the only kind loaded into the process."""
     return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
@@ -84,9 +84,8 @@ def build_shim() -> Path:
     """The compiled shim, built with ``$CC`` (else cc/gcc/clang) when missing or not trusted; OSError when it cannot be."""
     path = shim_path()
     _private_folder(path.parent)
-    if path.exists() or path.is_symlink():
-        if _trusted(path):
-            return path
+    if (path.exists() or path.is_symlink()) and _ours(path.lstat()):  # a symlink is not ours: it is rebuilt over
+        return path
     compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
     if compiler is None:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
@@ -109,8 +108,7 @@ def _load_trusted(path: Path) -> ctypes.CDLL:
     """dlopen the very file that was checked: opened without following links, checked, loaded through its fd."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        if not _ours(os.fstat(fd)):
             raise OSError(f"{path}: changed after it was checked; not loading it")
         library = ctypes.CDLL(f"/proc/self/fd/{fd}", mode=os.RTLD_GLOBAL)
     finally:
@@ -125,6 +123,9 @@ def enable() -> bool:
     global _library, _how, _reason
     if _library is not None:
         return True
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        _reason = "not needed: not Linux on x86-64"
+        return False
     preloaded = ctypes.CDLL(None)  # the process's global scope: a copy from LD_PRELOAD answers here
     if hasattr(preloaded, "torchcvt_mkl_shim_asked"):
         _library, _how = preloaded, "preloaded with LD_PRELOAD"
@@ -132,8 +133,6 @@ def enable() -> bool:
     vendor = _cpu_vendor()
     if os.environ.get("TORCHCVT_MKL_INTEL_PATH") == "0":
         _reason = "off ($TORCHCVT_MKL_INTEL_PATH=0)"
-    elif sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        _reason = "not needed: not Linux on x86-64"
     elif vendor not in AMD_VENDORS:
         _reason = f"not needed: {vendor or 'unknown'} CPU, MKL dispatches on its own"
     elif "torch" in sys.modules:

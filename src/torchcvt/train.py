@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         p = restore(state, raw, ema, optimizer, scheduler, scaler) if state is not None else Progress()
         if state is not None:
             follow_schedule(scheduler)  # an extended run (more --epochs) follows the schedule of the new length
-            log(f"resuming {out / 'last.pt'}: epoch {p.epoch + 1}, step {p.step}" + _extension(state, cfg) + kernels_note(state))
+            log(f"resuming {out / 'last.pt'}: epoch {p.epoch + 1}, step {p.step}" + _extension(state, cfg) + kernels_note(state, device))
         if d.main:
             write_train_config(out, cfg)
         train_set, draw_weights, val_loader, loader_args = _data_loading(cfg, splits, d, device)

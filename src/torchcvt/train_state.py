@@ -148,20 +148,24 @@ def training_checkpoint(
         "history": progress.history,
         "epoch_stats": progress.epoch_stats if epoch_stats is None else epoch_stats,
         "rng": rng_state(),  # rank 0's; every stream is re-derived from the seed anyway
-        "kernels": float_kernels(),
+        "kernels": float_kernels(next(model.parameters()).device),
     }
 
 
-def float_kernels() -> dict[str, str]:
-    """The CPU kernels this process's float32 products run on: a resumed run is byte-identical to an
-    uninterrupted one only on the same ones (torch version, fast-path GEMM, MKL's dispatch: mkl_amd.py)."""
+def float_kernels(device: torch.device | str) -> dict[str, str]:
+    """The kernels a run's float32 products on ``device`` run on: a resumed run is byte-identical to an
+    uninterrupted one only on the same ones (torch version; on the CPU also the fast path's GEMM and
+    MKL's dispatch, mkl_amd.py; neither is asked on a GPU, where the GEMM timing would be work for nothing)."""
     # str(): torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses to unpickle
-    return {"torch": str(torch.__version__), "gemm": gemm_engine(), "mkl": "intel kernels" if mkl_amd.active() else "default dispatch"}
+    kernels = {"torch": str(torch.__version__), "device": torch.device(device).type}
+    if kernels["device"] == "cpu":
+        kernels |= {"gemm": gemm_engine(), "mkl": "intel kernels" if mkl_amd.active() else "default dispatch"}
+    return kernels
 
 
-def kernels_note(state: dict[str, Any]) -> str:
+def kernels_note(state: dict[str, Any], device: torch.device | str) -> str:
     """``""``, or what differs from the kernels the checkpoint ``state`` was trained on, for the resume line."""
-    before, now = state.get("kernels"), float_kernels()
+    before, now = state.get("kernels"), float_kernels(device)
     if not before or before == now:
         return ""
     changed = ", ".join(f"{k}: {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v)
