@@ -155,6 +155,15 @@ def test_a_cache_folder_others_can_write_is_refused(tmp_path, monkeypatch):
         mkl_amd.build_shim()
 
 
+def test_a_cache_that_is_a_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.write_text("a file, not a folder")
+    monkeypatch.setenv("TORCHCVT_CACHE", str(cache))
+    with pytest.raises(OSError, match=f"^cannot create the shim's folder {cache / 'mkl'}: "):
+        mkl_amd.build_shim()
+    assert cache.read_text() == "a file, not a folder"
+
+
 def test_status_never_raises_and_a_missing_preload_is_ignored(tmp_path):
     missing = str(tmp_path / "mkl-intel-path-gone.so")  # the loader says it cannot preload it, and goes on
     result = run_child(tmp_path, "torch, torchcvt", LD_PRELOAD=missing)

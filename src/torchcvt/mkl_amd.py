@@ -65,12 +65,16 @@ def shim_path() -> Path:
 
 def _private_folder(folder: Path) -> None:
     """``folder`` created 0700, or checked: ours and writable by no one else, else OSError (nothing is loaded from it)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
     try:
-        folder.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    info = folder.lstat()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            try:
+                folder.mkdir(mode=0o700)
+            except FileExistsError:  # another process made it just now (a file there fails the check below)
+                pass
+        info = folder.lstat()
+    except OSError as exc:  # FileExistsError included: the cache path is a file
+        raise OSError(f"cannot create the shim's folder {folder}: {exc.strerror or exc}") from None
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise OSError(f"{folder}: not a folder of this user's that others cannot write; not loading a library from it")
 
