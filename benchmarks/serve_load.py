@@ -6,10 +6,13 @@
 With ``--weights`` it starts ``cvt serve`` itself (extra options after ``--serve-args``), waits
 until ``/v2/health/ready``, runs each concurrency level, reads the server's peak resident memory
 (VmHWM of the process and its children from /proc), and stops it with SIGTERM, checking it exits 0.
-``--baseline N`` also times the same weights in-process, one image at a time (decode, preprocess,
-forward: what a loop over ``Classifier`` gives), the reference for the speed-up: in a child process
-before the server starts and again after it stops, so a machine whose speed drifts shows it; each
-level's ``speedup`` is its throughput over the mean of the two.
+``--baseline N`` also times the same weights one image at a time (decode, preprocess, forward: what a
+loop over ``Classifier`` gives) in a child process loaded once, the reference for the speed-up.
+``--rounds R`` alternates: N baseline images, then each level's share of its requests, R times, and a
+last N baseline images; each round's speed-up is that round's throughput over the mean of the two
+baselines around it, and a level's ``speedup`` is the median over rounds. On a machine shared with
+other tenants, whose speed drifts by 20 % from one minute to the next, only ratios taken this close
+together mean anything.
 
 Each request is an Open Inference Protocol v2 ``infer`` call carrying one encoded image as a base64
 BYTES tensor (``--endpoint predict`` posts the raw image to ``/predict`` instead). A 503 is counted
@@ -110,41 +113,78 @@ async def run_level(url: str, name: str, endpoint: str, image: bytes, concurrenc
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
-    latencies.sort()
+    return {"concurrency": concurrency, "requests": requests, **counts, "seconds": seconds, "latencies": latencies,
+            "failures": failures, "answers": answers, "load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
+def summary(parts: list[dict]) -> dict:
+    """One level's row from its rounds: counts and latencies pooled, throughput over the summed time."""
+    latencies = sorted(t for part in parts for t in part["latencies"])
     pct = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
-    return {"concurrency": concurrency, "requests": requests, **counts, "seconds": seconds,
-            "throughput": counts["ok"] / seconds, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-            "mean_ms": 1000 * statistics.fmean(latencies) if latencies else float("nan"),
-            "failures": failures, "distinct_answers": len(answers), "load_before": load_before, "load_after": os.getloadavg()[0]}
+    counts = {key: sum(part[key] for part in parts) for key in ("requests", "ok", "503", "failed", "seconds")}
+    failures: dict[str, int] = {}
+    for part in parts:
+        for kind, n in part["failures"].items():
+            failures[kind] = failures.get(kind, 0) + n
+    return {"concurrency": parts[0]["concurrency"], **counts, "throughput": counts["ok"] / counts["seconds"],
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "mean_ms": 1000 * statistics.fmean(latencies) if latencies else float("nan"),
+            "failures": failures, "distinct_answers": len(set().union(*(part["answers"] for part in parts))),
+            "load_before": parts[0]["load_before"], "load_after": parts[-1]["load_after"]}
 
 
 def baseline(weights: str, backend: str, image: bytes, requests: int, threads: int | None) -> dict:
     """Images per second of a loop over one image at a time in this process: decode, preprocess, forward."""
-    import torch
-
-    from torchcvt import Classifier
-    from torchcvt.transforms import load_image
-
-    if threads:
-        torch.set_num_threads(threads)
-    classifier = Classifier(weights, device="cpu", backend=backend)
-    one = lambda: classifier.predict_batch(classifier.preprocess(load_image(image, max_pixels=10**8, name="x"))[None])
-    for _ in range(5):
-        one()
-    started = time.perf_counter()
-    for _ in range(requests):
-        one()
-    seconds = time.perf_counter() - started
-    return {"throughput": requests / seconds, "ms_per_image": 1000 * seconds / requests, "load": os.getloadavg()[0]}
+    return BaselineLoop(weights, backend, image, threads).time(requests)
 
 
-def baseline_in_child(args: argparse.Namespace, image: bytes) -> dict:
-    """``baseline`` in a fresh process, as a user's loop would run (not beside this client)."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from serve_load import baseline, test_image; "
-            "print(json.dumps(baseline(sys.argv[2], sys.argv[3], test_image(), int(sys.argv[4]), int(sys.argv[5]) or None)))")
-    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), args.weights, args.backend,
-                          str(args.baseline), str(args.threads or 0)], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+class BaselineLoop:
+    """A ``Classifier`` loaded and warmed once, timed on demand: ``time(n)`` classifies ``n`` single images."""
+
+    def __init__(self, weights: str, backend: str, image: bytes, threads: int | None) -> None:
+        import torch
+
+        from torchcvt import Classifier
+        from torchcvt.images import load_image
+
+        if threads:
+            torch.set_num_threads(threads)
+        classifier = Classifier(weights, device="cpu", backend=backend)
+        self.one = lambda: classifier.predict_batch(classifier.preprocess(load_image(image, max_pixels=10**8, name="x"))[None])
+        for _ in range(5):
+            self.one()
+
+    def time(self, requests: int) -> dict:
+        started = time.perf_counter()
+        for _ in range(requests):
+            self.one()
+        seconds = time.perf_counter() - started
+        return {"throughput": requests / seconds, "ms_per_image": 1000 * seconds / requests, "load": os.getloadavg()[0]}
+
+
+class BaselineChild:
+    """``BaselineLoop`` in a fresh process, as a user's loop would run (not beside this client): loaded once,
+    then each ``time(n)`` runs while the server and the client are idle."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from serve_load import BaselineLoop, test_image; "
+                "loop = BaselineLoop(sys.argv[2], sys.argv[3], test_image(), int(sys.argv[4]) or None); print('ready', flush=True)\n"
+                "for line in sys.stdin: print(json.dumps(loop.time(int(line))), flush=True)")
+        self.process = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), args.weights, args.backend,
+                                         str(args.threads or 0)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.process.stdout.readline().strip() != "ready":
+            raise SystemExit(f"the baseline process failed (status {self.process.wait()})")
+
+    def time(self, requests: int) -> dict:
+        self.process.stdin.write(f"{requests}\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"the baseline process failed (status {self.process.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
 def wait_ready(url: str, process: subprocess.Popen, limit: float = 300) -> None:
@@ -172,6 +212,8 @@ def main() -> int:
                         help="requests per level: one number for all, or one per level (default: 400)")
     parser.add_argument("--timeout", type=float, default=120, help="client timeout per request, s (default: 120)")
     parser.add_argument("--baseline", type=int, default=0, metavar="N", help="also time N single images in-process")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the baseline and the levels this many times, "
+                        "each level's requests split between the rounds (default: 1)")
     parser.add_argument("--backend", default="eager", help="backend for the server and the baseline (default: eager)")
     parser.add_argument("--threads", type=int, help="PyTorch threads for the server (`cvt serve --threads`) and the baseline "
                                                     "(default: PyTorch's, every core)")
@@ -181,6 +223,8 @@ def main() -> int:
     args = parser.parse_args()
     if len(args.requests) not in (1, len(args.concurrency)):
         parser.error("--requests: give one number, or one per --concurrency level")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     requests = args.requests * len(args.concurrency) if len(args.requests) == 1 else args.requests
     image = test_image()
     if args.weights:
@@ -189,10 +233,9 @@ def main() -> int:
         args.name = args.name or model_name_for(args.weights)
     if not (args.url or args.weights) or not args.name:
         parser.error("give --weights, or --url and --name")
-    results: dict = {"server": args.serve_args, "threads": args.threads, "cpu_count": os.cpu_count(), "levels": []}
-    if args.baseline:
-        results["baseline_before"] = baseline_in_child(args, image)
-        print("baseline before (in-process, one image at a time):", results["baseline_before"], flush=True)
+    results: dict = {"server": args.serve_args, "threads": args.threads, "cpu_count": os.cpu_count(), "rounds": args.rounds,
+                     "levels": [], "baselines": []}
+    loop = BaselineChild(args) if args.baseline else None
     process = None
     if args.weights:
         port = free_port()
@@ -204,26 +247,46 @@ def main() -> int:
         print("server:", " ".join(command[2:]), flush=True)
         process = subprocess.Popen(command)
         wait_ready(args.url, process)
+    parts: list[list[dict]] = [[] for _ in args.concurrency]
     try:
-        for concurrency, count in zip(args.concurrency, requests):
-            row = asyncio.run(run_level(args.url, args.name, args.endpoint, image, concurrency, count, args.timeout))
+        # Round r: a baseline stretch, then every level's share of its requests; a last baseline closes. Each
+        # level's round is compared with the two baselines around it, so a machine whose speed drifts (other
+        # tenants) moves both sides of the ratio alike.
+        for r in range(args.rounds):
+            if loop is not None:
+                results["baselines"].append(loop.time(args.baseline))
+                print(f"round {r}: baseline (one image at a time, in a child process):", results["baselines"][-1], flush=True)
+            for i, (concurrency, count) in enumerate(zip(args.concurrency, requests)):
+                share = count // args.rounds + (r < count % args.rounds)
+                part = asyncio.run(run_level(args.url, args.name, args.endpoint, image, concurrency, share, args.timeout))
+                parts[i].append(part)
+                print(f"round {r}: concurrency {concurrency}: {part['ok'] / part['seconds']:.2f} images/s, "
+                      f"ok={part['ok']} 503={part['503']} failed={part['failed']}", flush=True)
+        if loop is not None:
+            results["baselines"].append(loop.time(args.baseline))
+            print("baseline after the last round:", results["baselines"][-1], flush=True)
+        for level_parts in parts:
+            row = summary(level_parts)
             if process is not None or args.server_pid:
                 row["server_peak_rss_mb"] = peak_rss_mb(process.pid if process is not None else args.server_pid)
             results["levels"].append(row)
             print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     finally:
+        if loop is not None:
+            loop.close()
         if process is not None:
             process.send_signal(signal.SIGTERM)
             results["server_exit_status"] = process.wait(timeout=120)
             print("server exit status:", results["server_exit_status"])
     if args.baseline:
-        results["baseline_after"] = baseline_in_child(args, image)
-        print("baseline after (in-process, one image at a time):", results["baseline_after"])
-        reference = (results["baseline_before"]["throughput"] + results["baseline_after"]["throughput"]) / 2
-        for row in results["levels"]:
-            row["speedup"] = row["throughput"] / reference
-            print(f"concurrency {row['concurrency']}: {row['throughput']:.2f} images/s = {row['speedup']:.2f}x the baseline "
-                  f"({reference:.2f} images/s, the mean of before and after)")
+        base = [b["throughput"] for b in results["baselines"]]
+        for row, level_parts in zip(results["levels"], parts):
+            ratios = [part["ok"] / part["seconds"] / ((base[r] + base[r + 1]) / 2) for r, part in enumerate(level_parts)]
+            row["speedup_rounds"] = ratios
+            row["speedup"] = statistics.median(ratios)
+            print(f"concurrency {row['concurrency']}: {row['throughput']:.2f} images/s; {row['speedup']:.2f}x the baseline "
+                  f"(median over {len(ratios)} rounds: {', '.join(f'{x:.2f}' for x in ratios)}; baseline "
+                  f"{statistics.fmean(base):.2f} images/s on average)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

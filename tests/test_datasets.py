@@ -21,7 +21,8 @@ from torchcvt.datasets import (
 )
 from torchcvt.errors import DataError, ImageError
 from torchcvt.inference import collect_images
-from torchcvt.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, load_image
+from torchcvt.images import load_image
+from torchcvt.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
 DIGIT_COUNTS = {0: 178, 1: 182, 2: 177, 3: 183, 4: 181, 5: 182, 6: 181, 7: 179, 8: 174, 9: 180}
 

@@ -222,6 +222,27 @@ def test_classifier_labels_batches_and_dtypes(small_checkpoint):
         Classifier(small_checkpoint, dtype="int8")
 
 
+def test_classifier_runs_a_fused_copy_of_loaded_weights_and_a_given_model_as_is(small_checkpoint):
+    from torchcvt.fused import FusedBlock
+
+    loaded = Classifier(small_checkpoint, device="cpu")
+    assert loaded.runner is not loaded.model and loaded.backend == "eager"
+    assert isinstance(loaded.runner.stages[-1].blocks[0], FusedBlock)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = loaded.model(x).softmax(-1)  # the plain model the copy was made from
+    assert (loaded.probabilities(x) - reference).abs().max() < 1e-5
+    # A model handed over may still be trained by its owner: it runs as is, so changes show.
+    model = torchcvt.create_model("cvt-tiny", num_classes=3)
+    given = Classifier(model)
+    assert given.runner is model
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+    assert given(np.zeros((32, 32, 3), dtype=np.uint8), top_k=1)[0][0] == "class_2"
+    # bfloat16 has no fused copy: the model itself.
+    assert Classifier(small_checkpoint, device="cpu", dtype="bfloat16").runner.norm.weight.dtype == torch.bfloat16
+
+
 def test_classifier_of_a_model_uses_imagenet_names_for_1000_classes():
     model = torchcvt.create_model("cvt-tiny", num_classes=1000)
     clf = Classifier(model)

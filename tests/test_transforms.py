@@ -19,12 +19,11 @@ from PIL import Image
 
 from torchcvt.errors import ConfigError, ImageError
 from torchcvt.labels import imagenet_id2label, imagenet_labels
+from torchcvt.images import is_image_file, load_image
 from torchcvt.transforms import (
     RESAMPLE_FILTERS,
     PreprocessConfig,
     denormalize,
-    is_image_file,
-    load_image,
     normalize,
     preprocess,
     preprocess_batch,
@@ -116,6 +115,17 @@ def test_16bit_and_float_modes(shape, image_size):
     unit = rng.random((height, width), dtype=np.float32)
     as_u8 = np.round(unit * 255).astype(np.uint8)
     assert_close(preprocess(Image.fromarray(unit), cfg), hf_preprocess(Image.fromarray(as_u8), cfg))
+
+
+@pytest.mark.parametrize("mean, std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5, 0.4, 0.3), (0.2, 0.3, 0.4))])
+def test_every_8_bit_value_is_bit_identical_to_transformers(mean, std):
+    # 384 px is not resized (squashed to its own size), so all 256 values of each channel reach the
+    # normalisation as they are: our lookup table must give transformers' float64-then-float32 bits.
+    values = np.arange(384 * 384 * 3) % 256
+    rgb = np.random.default_rng(0).permutation(values).reshape(384, 384, 3).astype(np.uint8)
+    cfg = PreprocessConfig(image_size=384, crop_pct=None, mean=mean, std=std)
+    ours = preprocess(Image.fromarray(rgb), cfg)
+    assert ours.is_contiguous() and torch.equal(ours, hf_preprocess(Image.fromarray(rgb), cfg))
 
 
 def test_16bit_rounding_rule():

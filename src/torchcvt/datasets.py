@@ -11,7 +11,7 @@ whose items are ``(normalised float32 [3, S, S] tensor, int label)``:
 * a folder with one sub-folder of images per class (torchvision's ImageFolder layout). With
   ``train/`` and ``val/`` (or ``validation/``) sub-folders those are the splits; otherwise a
   stratified ``val_fraction`` is held out with ``seed``. Sub-folders of a class folder are searched
-  too; a file is taken when ``transforms.is_image_file`` says so (a visible name with a suffix
+  too; a file is taken when ``images.is_image_file`` says so (a visible name with a suffix
   Pillow reads), the same rule as ``cvt predict``.
 * an Oxford-IIIT Pet folder (``images/`` + ``annotations/trainval.txt`` and ``test.txt``):
   trainval trains, test validates; labels are the official class ids minus 1.
@@ -49,7 +49,8 @@ from torch.utils.data import Dataset
 
 from . import augment
 from .errors import DataError, ImageError
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, is_image_file, load_image, normalize
+from .images import is_image_file, load_image
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, normalize
 
 VAL_DIR_NAMES = ("val", "validation")
 
@@ -120,7 +121,7 @@ class TensorImageDataset(Dataset):
 
 
 class ImageFileDataset(Dataset):
-    """Image files decoded on access with ``transforms.load_image`` (RGB, EXIF-upright).
+    """Image files decoded on access with ``images.load_image`` (RGB, EXIF-upright).
 
     ``transform`` maps the PIL image to the model input (e.g. ``augment.train_transform(224)`` or
     ``PreprocessConfig.for_resolution(224)``); None returns the PIL image. A file that cannot be

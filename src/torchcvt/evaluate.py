@@ -33,7 +33,8 @@ from .backends import add_backend_arguments, inference_runner, log_backend_choic
 from .errors import ConfigError, DataError
 from .fileio import atomic_save, check_output, to_json
 from .inference import add_image_safety_arguments
-from .transforms import denormalize, load_image
+from .images import load_image
+from .transforms import denormalize
 
 TOP_K = 5
 

@@ -37,7 +37,8 @@ from .errors import ConfigError, DataError, DiskFullError, ImageError, OutputErr
 from .model import CvT
 from .pretrained import LAYOUTS, REGISTRY, load_pretrained, preprocess_config_of
 from .fileio import check_output, is_disk_full, to_json
-from .transforms import ImageSource, PreprocessConfig, is_image_file, preprocess
+from .images import ImageSource, is_image_file
+from .transforms import PreprocessConfig, preprocess
 
 # ----------------------------------------------------------------------------------- classifier
 Prediction = tuple[str, float]  # (label, softmax probability)
@@ -95,7 +96,8 @@ class Classifier:
     ``device``: default CUDA when available (a given model: where it is). ``dtype``: float32
     (default), bfloat16 or float16 (CUDA only). ``preprocess``: overrides the transform of the weights.
     ``batch_size``: images per forward pass in ``__call__``. ``backend``: ``"eager"`` (the default,
-    except for int8: the model itself, nothing to export), ``"onnxruntime"`` or ``"auto"`` (the faster here, measured once;
+    except for int8: nothing to export; on the CPU in float32 a fused copy, ``fuse_for_inference``, unless
+    ``weights`` is a ``CvT``, which runs as is), ``"onnxruntime"`` or ``"auto"`` (the faster here, measured once;
     ``backends.optimize_for_inference``). ``precision``: ``"float32"``, or ``"int8"``/``"bfloat16"``
     where this CPU runs them faster (elsewhere a one-line ConfigError says so). ``max_pixels``: images
     with more pixels are refused before they are decoded (0: no limit; default: ``preprocess.max_pixels``,
@@ -137,7 +139,8 @@ class Classifier:
             raise ConfigError(f"{self.source} has no classification head (num_classes=0): nothing to classify")
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.precision = precision
-        self.runner = inference_runner(self.model, backend, precision)
+        # A model given to us is used as is (its owner may still train it); weights we loaded run as a fused copy.
+        self.runner = inference_runner(self.model, backend, precision, copy=not isinstance(weights, CvT))
         self.backend = backend_of(self.runner)
         self.preprocess_config = preprocess or pre
         if max_pixels is not None:
@@ -210,7 +213,7 @@ def collect_images(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
 
     A file named explicitly is always taken (if it is no image, reading it fails and says so).
     Folders are walked recursively in sorted order, and glob patterns (``**`` allowed) expanded;
-    from those, only ``transforms.is_image_file`` names are taken (a suffix Pillow reads, not hidden:
+    from those, only ``images.is_image_file`` names are taken (a suffix Pillow reads, not hidden:
     the rule training data follows too).
     Returns the files (duplicates removed, first occurrence kept) and one message per missing
     path, unmatched pattern or unreadable folder.
