@@ -201,12 +201,13 @@ def test_eval_errors_csv_lists_the_misclassified_digits(digits_checkpoint, tmp_p
     with open(errors, newline="") as f:
         rows = list(csv.DictReader(f))
     assert rc == 0 and out["misclassified"] == len(wrong) == len(rows) > 0 and out["errors_csv"] == str(errors)
+    # cvt eval runs the fused copy of the weights (probabilities within 1e-5 of the model's), written to 6 places.
     for i, row in zip(wrong, rows):
         top = probs[i].topk(5)
         assert row["path"] == f"digits:val:{i}" and int(row["true_index"]) == y[i] and row["true_label"] == str(int(y[i]))
-        assert float(row["true_score"]) == pytest.approx(probs[i, y[i]].item(), abs=1e-6)
+        assert float(row["true_score"]) == pytest.approx(probs[i, y[i]].item(), abs=1e-5)
         assert [int(row[f"pred_{r}_index"]) for r in range(1, 6)] == top.indices.tolist()
-        assert [float(row[f"pred_{r}_score"]) for r in range(1, 6)] == pytest.approx(top.values.tolist(), abs=1e-6)
+        assert [float(row[f"pred_{r}_score"]) for r in range(1, 6)] == pytest.approx(top.values.tolist(), abs=1e-5)
     # The per-class F1 printed equals scikit-learn's on the same predictions.
     from sklearn.metrics import f1_score
 
