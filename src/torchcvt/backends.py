@@ -390,7 +390,7 @@ def inference_runner(model: CvT, backend: str | None = None, precision: str = "f
     with ``copy=False`` or off the CPU, where it is the model itself (a model its caller may still change).
 
     ``backend=None``: the backend the precision runs on (eager; onnxruntime for int8). On the CPU the
-    eager runner is ``fuse_for_inference``'s copy: 1.03-1.10x the model's speed on CvT-13 (docs/performance.md),
+    eager runner is ``fuse_for_inference``'s copy: 1.06-1.09x the model's speed on CvT-13 (docs/performance.md row 23),
     for a second copy of the weights.
     """
     backend = backend or ("onnxruntime" if precision == "int8" else "eager")
