@@ -395,10 +395,9 @@ def inference_runner(model: CvT, backend: str | None = None, precision: str = "f
     """
     backend = backend or ("onnxruntime" if precision == "int8" else "eager")
     param = next(model.parameters())
-    if precision == "float32" and resolve_backend(backend, param.device, param.dtype)[0] == "eager":
+    fused_copy = copy and param.device.type == "cpu" and param.dtype == torch.float32
+    if precision == "float32" and not fused_copy and resolve_backend(backend, param.device, param.dtype)[0] == "eager":
         retain_freed_memory()  # as optimize_for_inference does: most of its gain here (docs/performance.md)
-        if copy and param.device.type == "cpu" and param.dtype == torch.float32:
-            return fuse_for_inference(model)
         return model
     return optimize_for_inference(model, backend, precision=precision)
 

@@ -151,19 +151,22 @@ def enable() -> bool:
     return False
 
 
+def active() -> bool:
+    """True when MKL asked the shim and runs its Intel kernels (asks MKL once, with a small product). Never raises."""
+    if _library is None:
+        return False
+    if not _library.torchcvt_mkl_shim_asked():
+        import torch
+
+        if torch.backends.mkl.is_available():
+            torch.mm(torch.ones(64, 64), torch.ones(64, 64))  # MKL asks on its first call
+    return bool(_library.torchcvt_mkl_shim_asked())
+
+
 def status() -> str:
-    """One line: whether MKL runs its Intel kernels here, and why (asks MKL once, with a small product). Never raises."""
+    """One line: whether MKL runs its Intel kernels here, and why. Never raises."""
+    if active():
+        return f"MKL's Intel kernels on this AMD CPU (torchcvt's mkl_serv_intel_cpu_true shim, {_how})"
     if _library is None:
         return f"MKL's default dispatch ({_reason})"
-    import torch
-
-    if not _library.torchcvt_mkl_shim_asked() and torch.backends.mkl.is_available():
-        torch.mm(torch.ones(64, 64), torch.ones(64, 64))  # MKL asks on its first call
-    if not _library.torchcvt_mkl_shim_asked():
-        return "MKL's default dispatch (torchcvt's shim is loaded but MKL never asked for it)"
-    return f"MKL's Intel kernels on this AMD CPU (torchcvt's mkl_serv_intel_cpu_true shim, {_how})"
-
-
-def active() -> bool:
-    """True when MKL asked the shim and runs its Intel kernels."""
-    return status().startswith("MKL's Intel kernels")
+    return "MKL's default dispatch (torchcvt's shim is loaded but MKL never asked for it)"
