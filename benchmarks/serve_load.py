@@ -132,13 +132,9 @@ def summary(parts: list[dict]) -> dict:
             "load_before": parts[0]["load_before"], "load_after": parts[-1]["load_after"]}
 
 
-def baseline(weights: str, backend: str, image: bytes, requests: int, threads: int | None) -> dict:
-    """Images per second of a loop over one image at a time in this process: decode, preprocess, forward."""
-    return BaselineLoop(weights, backend, image, threads).time(requests)
-
-
 class BaselineLoop:
-    """A ``Classifier`` loaded and warmed once, timed on demand: ``time(n)`` classifies ``n`` single images."""
+    """A ``Classifier`` loaded and warmed once, timed on demand: ``time(n)`` is the images per second of a loop
+    over ``n`` single images (decode, preprocess, forward)."""
 
     def __init__(self, weights: str, backend: str, image: bytes, threads: int | None) -> None:
         import torch
@@ -226,6 +222,8 @@ def main() -> int:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     requests = args.requests * len(args.concurrency) if len(args.requests) == 1 else args.requests
+    if min(requests) < args.rounds:
+        parser.error(f"--requests: each level needs at least --rounds ({args.rounds}) requests, one a round")
     image = test_image()
     if args.weights:
         from torchcvt.serve.model import model_name_for
